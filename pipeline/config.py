@@ -1,0 +1,129 @@
+"""Every option of every stage, with its default, in one place.
+
+Values come from (lowest to highest precedence) these defaults, an optional config
+file (TOML or YAML, one table per stage: ``[extract]``, ``[train]``, ``[infer]``,
+``[report]``, ``[demo]``) and command-line flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def malmm_home() -> Path:
+    """Cache directory for the embedded default models (``$MALMM_HOME``, else ~/.cache/malmm-pipeline)."""
+    return Path(os.environ.get("MALMM_HOME") or Path.home() / ".cache" / "malmm-pipeline")
+
+
+@dataclass
+class ExtractConfig:
+    manifest: str = ""
+    video_root: str | None = None  # default: the manifest's folder
+    out: str = "work/features"
+    model: str = "tiny"  # 'tiny' (embedded default) or a local InstructBLIP / vision-model directory
+    sampling: str | None = None  # override every benchmark's policy, e.g. 'uniform:32' or 'fps:1'
+    shard_size: int = 64  # extraction units per shard
+    batch_size: int = 64  # frames per vision-model forward pass
+    dtype: str = "float16"  # stored feature dtype
+    vision_workers: int = 1  # vision-model actors
+    num_gpus: float | None = None  # GPUs per vision actor; default: 1 when the cluster has GPUs, else 0
+    decode_cpus: float = 1.0  # CPUs per decode task
+    decode_timeout: float = 300.0  # seconds before the watchdog kills a decode
+    strict: bool = False  # exit non-zero when any unit failed
+    retry_failed: bool = False  # re-try units that failed in an earlier run
+    address: str | None = None  # Ray cluster address; default $RAY_ADDRESS or a local cluster
+    dry_run: bool = False
+
+
+@dataclass
+class TrainConfig:
+    features: str = "work/features"
+    manifest: str = ""
+    benchmark: str = "synthetic"
+    task: str | None = None  # default: all tasks of the benchmark
+    out: str = "work/runs/train"
+    model: str = "tiny"
+    memory: str = "mbc"  # mbc | fifo | none
+    visual_memory: bool = True
+    query_memory: bool = True
+    aggregation: str = "memory"  # memory | concat | avgpool
+    num_frames: int | None = None  # default: the benchmark's
+    memory_length: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.05
+    warmup_steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 42
+    num_workers: int = 1
+    use_gpu: bool = False
+    checkpoint_every: int = 500  # steps
+    keep_last: int = 2
+    validate: bool = True
+    resume: bool = True
+    address: str | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class InferConfig:
+    checkpoint: str = ""
+    features: str = "work/features"
+    manifest: str = ""
+    split: str = "test"
+    benchmark: str | None = None
+    task: str | None = None
+    out: str = "work/runs/infer"
+    model: str = "tiny"
+    batch_size: int = 16
+    workers: int = 1
+    num_gpus: float | None = None
+    address: str | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=list)
+    out: str = "reports"
+    n_boot: int = 1000
+
+
+SECTIONS = {"extract": ExtractConfig, "train": TrainConfig, "infer": InferConfig, "report": ReportConfig}
+
+
+def load_file(path: str | Path | None) -> dict:
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        data = tomllib.loads(text)
+    else:
+        raise ValueError(f"{path}: config files must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of stage sections")
+    return data
+
+
+def resolve(cls, section: str, config_file: str | Path | None = None, **flags):
+    """Defaults ← config file section ← flags that were given (not None)."""
+    values: dict = {}
+    data = load_file(config_file).get(section, {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{config_file}: unknown option(s) in [{section}]: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(names))}")
+    values.update(data)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return cls(**values)

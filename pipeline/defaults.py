@@ -1,0 +1,48 @@
+"""The embedded default model ("tiny"): built once into the cache, then loaded like any checkpoint."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from pipeline.config import malmm_home
+
+TINY_NAME = "tiny-instructblip-v1"
+
+
+def tiny_dir() -> Path:
+    return malmm_home() / "models" / TINY_NAME
+
+
+def ensure_tiny_default(*, pretrain_steps: int | None = None, quiet: bool = False) -> Path:
+    """Return the tiny default's directory, building it on first use (about a minute on a CPU).
+
+    The build is guarded by a file lock so concurrent stages build it once.
+    """
+    target = tiny_dir()
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{TINY_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            from pipeline.model.tiny import build_tiny_instructblip
+            from pipeline.synth import lm_corpus
+            steps = pretrain_steps or int(os.environ.get("MALMM_TINY_PRETRAIN_STEPS", "0")) or None
+            if not quiet:
+                print(f"building the tiny default model into {target} (once) …", flush=True)
+            kwargs = {"pretrain_steps": steps} if steps else {}
+            build_tiny_instructblip(target, lm_corpus(20000, seed=0), **kwargs)
+    return target
+
+
+def resolve_model_dir(model: str) -> Path:
+    """'tiny' → the embedded default; anything else must be a local model directory."""
+    if model in ("tiny", "", None):
+        return ensure_tiny_default()
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json; pass a local InstructBLIP directory saved with "
+            f"save_pretrained (e.g. a copy of Salesforce/instructblip-vicuna-7b) or 'tiny'")
+    return path

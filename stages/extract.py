@@ -1,0 +1,437 @@
+"""`extract`: manifest → sampled frames → frozen ViT features in WebDataset shards.
+
+The flow, top to bottom (DESIGN §1, §4):
+
+1. **plan** – validate the manifest, turn its samples into *extraction units*
+   (one per distinct (video, clip, sampling policy); LVU's overlapping windows all
+   map to one 1 fps unit of the whole video), give each unit a content-hash key and
+   assign units to shards by sorted key. Shards already complete are skipped, and so
+   are videos whose results were staged by an interrupted run.
+2. **decode** (Ray Data CPU tasks, one per video) – probe the video, compute every
+   unit's frame indices, decode the union of those frames once under a watchdog.
+3. **encode** (Ray Data actor pool, GPU when there is one) – the frozen vision model;
+   features are the hidden states before its final layer norm.
+4. **stage** (Ray Data CPU tasks) – each video's unit samples are written to
+   ``_staging/`` atomically, with a ledger row per unit.
+5. **finalize** (driver) – every shard whose videos are all staged is assembled in
+   key order into ``shard-NNNNNN.tar`` (+ ``.stats.json`` beside it), then
+   ``index.parquet`` and ``ledger.parquet`` are rewritten.
+
+Because a video is always computed whole and shards are assembled in key order
+with fixed tar headers, a killed run resumed later ends byte-identical to an
+uninterrupted one; a finished run re-run decodes and encodes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import shards as sh
+from pipeline.benchmarks import protocol
+from pipeline.config import ExtractConfig
+from pipeline.manifest import Manifest, read_manifest, resolve_video
+from pipeline.sampling import SamplingPolicy, frame_indices
+
+# CLIP normalisation used by InstructBLIP's image processor
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STAGING = "_staging"
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass
+class Unit:
+    key: str
+    video: str  # as written in the manifest
+    source: str  # resolved path / URI
+    start_sec: float | None
+    end_sec: float | None
+    policy: str
+    sample_ids: list[str] = field(default_factory=list)
+    shard: int = -1
+
+
+def unit_key(video: str, start_sec: float | None, end_sec: float | None, policy: str) -> str:
+    """Content hash of (video identity, clip bounds, sampling policy): the sample key in the shards."""
+    ident = json.dumps([video, start_sec, end_sec, str(policy)], separators=(",", ":"))
+    return hashlib.sha1(ident.encode()).hexdigest()[:20]
+
+
+def _nan_to_none(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+
+def unit_clip(row, policy_source_benchmark: str, task: str) -> tuple[float | None, float | None]:
+    """Clip bounds of the unit a sample maps to. Windowed benchmarks (LVU) cache the whole video."""
+    proto = protocol(policy_source_benchmark, task)
+    if proto.window_sec:
+        return None, None
+    return _nan_to_none(row["start_sec"]), _nan_to_none(row["end_sec"])
+
+
+def sample_policy(benchmark: str, task: str, override: str | None) -> SamplingPolicy:
+    return SamplingPolicy.parse(override) if override else protocol(benchmark, task).extract_sampling
+
+
+def plan_units(manifest: Manifest, video_root: str | None, sampling: str | None, shard_size: int) -> list[Unit]:
+    units: dict[str, Unit] = {}
+    for row in manifest.df.to_dict("records"):
+        policy = str(sample_policy(row["benchmark"], row["task"], sampling))
+        start, end = unit_clip(row, row["benchmark"], row["task"])
+        key = unit_key(row["video"], start, end, policy)
+        if key not in units:
+            units[key] = Unit(key, row["video"], resolve_video(row["video"], video_root), start, end, policy)
+        units[key].sample_ids.append(row["sample_id"])
+    ordered = sorted(units.values(), key=lambda u: u.key)
+    for i, u in enumerate(ordered):
+        u.shard = i // shard_size
+    return ordered
+
+
+def video_id(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()[:16]
+
+
+def shard_done(out: Path, shard: int) -> bool:
+    return (out / sh.SHARD_PATTERN.format(shard).replace(".tar", ".stats.json")).exists()
+
+
+def staged(out: Path, vid: str) -> bool:
+    return (out / STAGING / f"{vid}.json").exists()
+
+
+# ----------------------------------------------------------------------------- decode
+
+def decode_video(item: dict) -> dict:
+    """Ray Data task: decode the union of every unit's frames of one video, once."""
+    from pipeline import decode
+
+    units = json.loads(item["units"])
+    t0 = time.perf_counter()
+    row = {"vid": item["vid"], "source": item["source"], "frames": np.zeros((0, 1, 1, 3), np.uint8),
+           "error_reason": "", "error_message": "", "info": "{}", "units": item["units"], "decode_s": 0.0}
+    try:
+        info = decode.probe(item["source"], timeout_s=item["timeout"])
+        per_unit = []
+        for u in units:
+            idx, _ = frame_indices(SamplingPolicy.parse(u["policy"]), info.num_frames, info.fps,
+                                   u["start_sec"], u["end_sec"])
+            per_unit.append(idx)
+        union = np.unique(np.concatenate(per_unit))
+        size = item["image_size"]
+        dec = decode.read_frames(item["source"], union, size=(size, size), timeout_s=item["timeout"])
+        # read_frames may clamp indices to frames that really exist: map back through it
+        got = {int(r): int(u) for r, u in zip(union, dec.indices)}
+        for u, idx in zip(units, per_unit):
+            used = np.array([got[int(i)] for i in idx], dtype=np.int64)
+            u["frame_indices"] = used.tolist()
+        info_d = {"duration_sec": info.duration_sec, "fps": info.fps, "num_frames": info.num_frames,
+                  "declared_num_frames": info.declared_num_frames, "width": info.width, "height": info.height,
+                  "decoder": dec.decoder, "strategy": dec.strategy}
+        row.update(frames=dec.frames, frame_index=np.asarray(dec.indices, dtype=np.int64),
+                   info=json.dumps(info_d), units=json.dumps(units))
+    except Exception as e:  # every failure becomes a typed ledger row, never a crashed run
+        row["error_reason"] = getattr(e, "reason", "decode_error")
+        row["error_message"] = f"{type(e).__name__}: {e}"[:2000]
+    row.setdefault("frame_index", np.zeros(0, np.int64))
+    row["decode_s"] = time.perf_counter() - t0
+    return row
+
+
+# ----------------------------------------------------------------------------- encode
+
+class VisionEncoder:
+    """Ray Data actor: the frozen vision model, loaded once per actor."""
+
+    def __init__(self, model_dir: str, batch_size: int, dtype: str):
+        import torch
+
+        from pipeline.model.checkpoint import load_vision_model
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_vision_model(model_dir).to(self.device).eval()
+        if self.device == "cuda":
+            self.model = self.model.half()
+        self.batch_size = batch_size
+        self.dtype = np.dtype(dtype)
+        self.identity = model_identity(self.model, model_dir)
+        self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        out = []
+        param_dtype = next(self.model.parameters()).dtype
+        with torch.inference_mode():
+            for i in range(0, len(frames), self.batch_size):  # fixed chunks per video: deterministic bits
+                x = torch.from_numpy(np.ascontiguousarray(frames[i:i + self.batch_size])).to(self.device)
+                x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+                h = pre_layernorm_features(self.model, x.to(param_dtype))
+                out.append(h.float().cpu().numpy().astype(self.dtype))
+        return np.concatenate(out) if out else np.zeros((0,), self.dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        feats, secs = [], []
+        for frames, reason in zip(batch["frames"], batch["error_reason"]):
+            t0 = time.perf_counter()
+            feats.append(self.encode(frames) if not reason and len(frames) else np.zeros((0,), self.dtype))
+            secs.append(time.perf_counter() - t0)
+        batch = dict(batch)
+        del batch["frames"]
+        batch["features"] = _object_column(feats)
+        batch["encode_s"] = np.array(secs)
+        batch["model"] = np.array([json.dumps(self.identity, sort_keys=True)] * len(feats), dtype=object)
+        return batch
+
+
+def _object_column(arrays: list) -> np.ndarray:
+    col = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        col[i] = a
+    return col
+
+
+def pre_layernorm_features(vision_model, pixel_values):
+    """Hidden states of the last encoder layer, before ``post_layernorm`` (the trainable ln_vision)."""
+    emb = vision_model.embeddings(pixel_values)
+    enc = vision_model.encoder(inputs_embeds=emb)
+    return enc[0] if isinstance(enc, tuple) else enc.last_hidden_state
+
+
+def model_identity(model, model_dir: str) -> dict:
+    """Name, config hash and weights hash of the vision model (stored in every sample's metadata)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    cfg = model.config.to_dict()
+    for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        cfg.pop(k, None)
+    return {"name": Path(model_dir).name, "class": type(model).__name__,
+            "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "weights_sha256": h.hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------- stage
+
+def stage_video(row: dict, out: str, dtype: str, image_size: int) -> dict:
+    """Ray Data task: write one video's unit samples and ledger rows to the staging folder."""
+    out_dir = Path(out) / STAGING
+    units = json.loads(row["units"])
+    info = json.loads(row["info"])
+    model = json.loads(row["model"])
+    members, ledger = [], []
+    feats = row["features"]
+    pos = {int(f): i for i, f in enumerate(row["frame_index"])}
+    for u in units:
+        rec = {"key": u["key"], "video": u["video"], "start_sec": u["start_sec"], "end_sec": u["end_sec"],
+               "policy": u["policy"], "shard": u["shard"], "n_samples": len(u["sample_ids"]),
+               "decode_s": float(row["decode_s"]), "encode_s": float(row["encode_s"]),
+               "status": "ok", "reason": "", "message": "", "num_frames": 0}
+        if row["error_reason"]:
+            rec.update(status="failed", reason=row["error_reason"], message=row["error_message"])
+        else:
+            idx = np.asarray(u["frame_indices"], dtype=np.int64)
+            x = feats[[pos[int(i)] for i in idx]]
+            ts = idx / info["fps"]
+            meta = {"key": u["key"], "video": u["video"], "clip": [u["start_sec"], u["end_sec"]],
+                    "sampling": u["policy"], "source": info, "vision_model": model, "dtype": dtype,
+                    "image_size": image_size, "normalize": {"mean": CLIP_MEAN, "std": CLIP_STD},
+                    "features": "vision hidden states before post_layernorm", "shape": list(x.shape)}
+            members += sh.sample_members(u["key"], x, idx, ts, meta)
+            rec["num_frames"] = int(len(idx))
+        ledger.append(rec)
+    sh.write_tar(out_dir / f"{row['vid']}.tar", members)
+    sh.write_json(out_dir / f"{row['vid']}.json", ledger)  # written last: marks the video staged
+    return {"vid": row["vid"], "ok": sum(r["status"] == "ok" for r in ledger),
+            "failed": sum(r["status"] != "ok" for r in ledger)}
+
+
+# ----------------------------------------------------------------------------- finalize
+
+def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
+    """Assemble every shard whose videos are all staged; return the shards written now."""
+    by_shard: dict[int, list[Unit]] = defaultdict(list)
+    for u in units:
+        by_shard[u.shard].append(u)
+    written = []
+    cache: dict[str, tuple[dict, dict]] = {}
+
+    def staged_video(vid):
+        if vid not in cache:
+            members = dict(sh.read_tar_members(out / STAGING / f"{vid}.tar"))
+            ledger = {r["key"]: r for r in json.loads((out / STAGING / f"{vid}.json").read_text())}
+            cache[vid] = (members, ledger)
+        return cache[vid]
+
+    for shard, us in sorted(by_shard.items()):
+        if shard_done(out, shard) or not all(staged(out, vid_of[u.key]) for u in us):
+            continue
+        members, ledger = [], []
+        for u in sorted(us, key=lambda u: u.key):
+            vmembers, vledger = staged_video(vid_of[u.key])
+            rec = dict(vledger[u.key], shard=shard, sample_ids=json.dumps(u.sample_ids))
+            ledger.append(rec)
+            if rec["status"] == "ok":
+                members += [(n, d) for n, d in sorted(vmembers.items()) if n.split(".", 1)[0] == u.key]
+        name = sh.SHARD_PATTERN.format(shard)
+        size = sh.write_tar(out / name, members)
+        stats = {"shard": name, "units": len(us), "ok": sum(r["status"] == "ok" for r in ledger),
+                 "failed": sum(r["status"] != "ok" for r in ledger),
+                 "frames": sum(r["num_frames"] for r in ledger), "bytes": size, "ledger": ledger}
+        sh.write_json(out / name.replace(".tar", ".stats.json"), stats)
+        written.append(shard)
+    return written
+
+
+def write_tables(out: Path) -> tuple[int, int]:
+    """Rebuild index.parquet and ledger.parquet from the per-shard stats; return (ok, failed)."""
+    ledger = []
+    for stats in sorted(out.glob("shard-*.stats.json")):
+        s = json.loads(stats.read_text())
+        for r in s["ledger"]:
+            ledger.append({**r, "shard_file": s["shard"]})
+    ledger.sort(key=lambda r: r["key"])
+    cols = ["key", "video", "start_sec", "end_sec", "policy", "shard", "shard_file", "status", "reason", "message",
+            "num_frames", "n_samples", "sample_ids", "decode_s", "encode_s"]
+    rows = [{c: r.get(c) for c in cols} for r in ledger]
+    import pyarrow as pa
+    schema = pa.schema([("key", pa.string()), ("video", pa.string()), ("start_sec", pa.float64()),
+                        ("end_sec", pa.float64()), ("policy", pa.string()), ("shard", pa.int64()),
+                        ("shard_file", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                        ("message", pa.string()), ("num_frames", pa.int64()), ("n_samples", pa.int64()),
+                        ("sample_ids", pa.string()), ("decode_s", pa.float64()), ("encode_s", pa.float64())])
+    sh.write_parquet(out / "ledger.parquet", rows, schema)
+    index_cols = ["key", "video", "start_sec", "end_sec", "policy", "shard_file", "status", "num_frames"]
+    index_schema = pa.schema([schema.field(c) for c in index_cols])
+    sh.write_parquet(out / "index.parquet", [{c: r[c] for c in index_cols} for r in rows], index_schema)
+    ok = sum(r["status"] == "ok" for r in rows)
+    return ok, len(rows) - ok
+
+
+# ----------------------------------------------------------------------------- run
+
+@dataclass
+class ExtractResult:
+    out: str
+    units: int
+    ok: int
+    failed: int
+    processed_videos: int
+    skipped_videos: int
+    shards: int
+    seconds: float
+    failures: dict = field(default_factory=dict)
+
+
+def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
+    t_start = time.perf_counter()
+    video_root = cfg.video_root if cfg.video_root is not None else str(Path(cfg.manifest).resolve().parent)
+    manifest = read_manifest(cfg.manifest, video_root)
+    units = plan_units(manifest, video_root, cfg.sampling, cfg.shard_size)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vid_of = {u.key: video_id(u.source) for u in units}
+    n_shards = max(u.shard for u in units) + 1
+
+    if cfg.retry_failed:
+        _reopen_failed_shards(out, units, vid_of)
+    _check_previous_plan(out, cfg, units)
+
+    pending: dict[str, list[Unit]] = defaultdict(list)
+    for u in units:
+        if not shard_done(out, u.shard) and not staged(out, vid_of[u.key]):
+            pending[vid_of[u.key]].append(u)
+    # a video is computed whole (all its units), so its frames are decoded and encoded once
+    by_vid: dict[str, list[Unit]] = defaultdict(list)
+    for u in units:
+        if vid_of[u.key] in pending:
+            by_vid[vid_of[u.key]].append(u)
+    n_videos = len({vid_of[u.key] for u in units})
+    print(f"extract: {len(manifest)} samples → {len(units)} units in {n_videos} videos, {n_shards} shard(s); "
+          f"{len(by_vid)} video(s) to process, {n_videos - len(by_vid)} already done", file=sys.stderr, flush=True)
+    if cfg.dry_run:
+        return ExtractResult(str(out), len(units), 0, 0, 0, n_videos - len(by_vid), n_shards, 0.0)
+
+    if by_vid:
+        _process(cfg, out, by_vid, progress)
+    finalize(out, units, vid_of)
+    ok, failed = write_tables(out)
+    complete = all(shard_done(out, s) for s in range(n_shards))
+    if complete:
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+    import pandas as pd
+    ledger = pd.read_parquet(out / "ledger.parquet")
+    failures = ledger[ledger.status != "ok"].reason.value_counts().to_dict()
+    return ExtractResult(str(out), len(units), ok, failed, len(by_vid), n_videos - len(by_vid), n_shards,
+                         time.perf_counter() - t_start, failures)
+
+
+def _process(cfg: ExtractConfig, out: Path, by_vid: dict[str, list[Unit]], progress: bool) -> None:
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.defaults import resolve_model_dir
+    from pipeline.runtime import cluster_has_gpus, init_ray
+
+    model_dir = str(resolve_model_dir(cfg.model))
+    image_size = _image_size(model_dir)
+    init_ray(cfg.address)
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cluster_has_gpus() else 0)
+    items = [{"vid": vid, "source": us[0].source, "timeout": cfg.decode_timeout, "image_size": image_size,
+              "units": json.dumps([{**asdict(u)} for u in us])} for vid, us in sorted(by_vid.items())]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
+    ds = ds.map(decode_video, num_cpus=cfg.decode_cpus)
+    ds = ds.map_batches(VisionEncoder, fn_constructor_kwargs={"model_dir": model_dir, "batch_size": cfg.batch_size,
+                                                              "dtype": cfg.dtype},
+                        batch_size=1, concurrency=cfg.vision_workers, num_gpus=num_gpus, batch_format="numpy")
+    ds = ds.map(stage_video, fn_kwargs={"out": str(out.resolve()), "dtype": cfg.dtype, "image_size": image_size})
+    bar = tqdm(total=len(items), unit="video", desc="extract", disable=not progress, file=sys.stderr)
+    ok = failed = 0
+    for r in ds.iter_rows():
+        ok += r["ok"]
+        failed += r["failed"]
+        bar.update(1)
+        bar.set_postfix(ok=ok, failed=failed)
+    bar.close()
+
+
+def _image_size(model_dir: str) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(cfg.get("vision_config", cfg).get("image_size", 224))
+
+
+def _reopen_failed_shards(out: Path, units: list[Unit], vid_of: dict[str, str]) -> None:
+    for stats in out.glob("shard-*.stats.json"):
+        s = json.loads(stats.read_text())
+        if s["failed"]:
+            stats.unlink()
+            failed_keys = {r["key"] for r in s["ledger"] if r["status"] != "ok"}
+            for u in units:
+                if u.key in failed_keys:
+                    (out / STAGING / f"{vid_of[u.key]}.json").unlink(missing_ok=True)
+
+
+def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit]) -> None:
+    """Refuse to mix shards of a different plan (other manifest, shard size or policy) into one folder."""
+    plan = {"shard_size": cfg.shard_size, "units": hashlib.sha1("".join(u.key for u in units).encode()).hexdigest(),
+            "model": cfg.model, "dtype": cfg.dtype, "sampling": cfg.sampling}
+    path = out / "extract.json"
+    if path.exists():
+        prev = json.loads(path.read_text())
+        diff = [k for k in plan if prev.get(k) != plan[k]]
+        if diff:
+            raise SystemExit(f"error: {out} holds shards of a different extraction ({', '.join(diff)} changed); "
+                             f"use another --out or delete {out}")
+    else:
+        sh.write_json(path, plan)
