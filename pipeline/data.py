@@ -1,0 +1,211 @@
+"""From manifest samples to model inputs: join samples to cached features, pick frames.
+
+`train` and `infer` never touch video: a sample's frames come from the feature shards
+written by `extract`. A manifest row maps to its extraction unit by the same content
+hash `extract` used; windowed benchmarks (LVU) cut the window from the unit's cached
+1 fps frames by timestamp. When the cache holds more frames than the model's T, frames
+are picked TSN-style — one random frame per equal segment for training, the segment
+middle for evaluation — as the reference implementation does.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.benchmarks import Protocol, protocol
+from pipeline.manifest import Manifest
+from pipeline.sampling import segment_indices
+
+
+class FeatureStore:
+    """Random access to the samples of a features folder, by key, through tar member offsets."""
+
+    def __init__(self, features_dir: str | Path):
+        self.dir = Path(features_dir)
+        from pipeline.shards import load_index
+        self.index = load_index(self.dir)
+        self.plan = json.loads((self.dir / "extract.json").read_text()) if (self.dir / "extract.json").exists() else {}
+        self._offsets: dict[str, dict[str, tuple[str, int, int]]] | None = None
+
+    @property
+    def offsets(self) -> dict[str, dict[str, tuple[str, int, int]]]:
+        if self._offsets is None:
+            offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
+            for shard in sorted(set(self.index.shard_file.dropna())):
+                path = self.dir / shard
+                if not path.exists():
+                    continue
+                with tarfile.open(path, "r") as tar:
+                    for m in tar.getmembers():
+                        key, ext = m.name.split(".", 1)
+                        offsets.setdefault(key, {})[ext] = (str(path), m.offset_data, m.size)
+            self._offsets = offsets
+        return self._offsets
+
+    def has(self, key: str) -> bool:
+        return key in self.offsets
+
+    def load(self, key: str) -> dict:
+        """{'features': [T,P,C], 'frame_indices': [T], 'timestamps': [T], 'meta': {...}}."""
+        out = {}
+        for ext, (path, off, size) in self.offsets[key].items():
+            with open(path, "rb") as f:
+                f.seek(off)
+                data = f.read(size)
+            if ext.endswith(".npy"):
+                out[ext[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+            elif ext == "json":
+                out["meta"] = json.loads(data)
+        return out
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    benchmark: str
+    task: str
+    split: str
+    video: str
+    key: str
+    prompt: str
+    answer: str
+    references: list[str]
+    start_sec: float | None = None  # window bounds (LVU)
+    end_sec: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class JoinReport:
+    samples: list[Sample]
+    missing: dict[str, int]  # reason → count of samples without features
+
+    def summary(self) -> str:
+        skipped = sum(self.missing.values())
+        if not skipped:
+            return f"{len(self.samples)} samples with features"
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.missing.items()))
+        return f"{len(self.samples)} samples with features; {skipped} skipped ({reasons})"
+
+
+def join_samples(manifest: Manifest, store: FeatureStore, *, split: str | None, benchmark: str | None,
+                 task: str | None = None) -> JoinReport:
+    """Manifest rows of (split, benchmark, task) that have features; the others counted by reason."""
+    from stages.extract import sample_policy, unit_clip, unit_key
+
+    df = manifest.df
+    if split:
+        df = df[df.split == split]
+    if benchmark:
+        df = df[df.benchmark == benchmark]
+    if task:
+        df = df[df.task == task]
+    status = dict(zip(store.index.key, store.index.status))
+    reasons = {}
+    if "reason" in store.index.columns:
+        reasons = dict(zip(store.index.key, store.index.reason))
+    else:
+        ledger_path = store.dir / "ledger.parquet"
+        if ledger_path.exists():
+            led = pd.read_parquet(ledger_path, columns=["key", "reason"])
+            reasons = dict(zip(led.key, led.reason))
+    samples, missing = [], {}
+    override = store.plan.get("sampling")
+    for row in df.to_dict("records"):
+        policy = str(sample_policy(row["benchmark"], row["task"], override))
+        start, end = unit_clip(row, row["benchmark"], row["task"])
+        key = unit_key(row["video"], start, end, policy)
+        st = status.get(key)
+        if st != "ok" or not store.has(key):
+            why = "not extracted" if st is None else (f"extract failed: {reasons.get(key) or st}" if st != "ok"
+                                                    else "shard missing")
+            missing[why] = missing.get(why, 0) + 1
+            continue
+        proto = protocol(row["benchmark"], row["task"])
+        refs = json.loads(row["references"]) if str(row.get("references", "")).strip() else [row["answer"]]
+        win_s = row["start_sec"] if proto.window_sec and not np.isnan(row["start_sec"]) else None
+        win_e = row["end_sec"] if proto.window_sec and not np.isnan(row["end_sec"]) else None
+        known = {"sample_id", "benchmark", "task", "split", "video", "answer", "references", "question",
+                 "start_sec", "end_sec"}
+        samples.append(Sample(row["sample_id"], row["benchmark"], row["task"], row["split"], row["video"], key,
+                              proto.render_prompt(row.get("question", "")), row["answer"], refs, win_s, win_e,
+                              {k: v for k, v in row.items() if k not in known}))
+    return JoinReport(samples, missing)
+
+
+def select_frames(timestamps: np.ndarray, num_frames: int, *, window: tuple[float | None, float | None] = (None, None),
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """Positions (into a unit's cached frames) of the T frames a sample sees.
+
+    Window bounds cut by timestamp (LVU); then TSN-style segment sampling: random in each
+    segment with ``rng`` (training), segment middles without (evaluation); repeats when
+    the cache holds fewer than T frames.
+    """
+    pos = np.arange(len(timestamps))
+    start, end = window
+    if start is not None or end is not None:
+        keep = np.ones(len(timestamps), bool)
+        if start is not None:
+            keep &= timestamps >= start - 1e-6
+        if end is not None:
+            keep &= timestamps < end - 1e-6
+        if keep.any():
+            pos = pos[keep]
+        else:  # window beyond the cached frames (e.g. rounding at the end): nearest frame
+            pos = pos[[int(np.argmin(np.abs(timestamps - (start or 0.0))))]]
+    return pos[segment_indices(len(pos), num_frames, rng)]
+
+
+class SampleDataset:
+    """Map-style dataset of (features [T,P,C] float32, prompt, answer) for a list of samples.
+
+    Deterministic: training frames come from an RNG seeded by (seed, epoch, index), so a
+    resumed run sees exactly the frames the uninterrupted one would have seen.
+    """
+
+    def __init__(self, samples: list[Sample], features_dir: str | Path, num_frames: int, *, train: bool,
+                 seed: int = 0):
+        self.samples = samples
+        self.features_dir = str(features_dir)
+        self.num_frames = num_frames
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self._store: FeatureStore | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:  # opened lazily: one per loader process
+            self._store = FeatureStore(self.features_dir)
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        unit = self.store.load(s.key)
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        pos = select_frames(unit["timestamps"], self.num_frames, window=(s.start_sec, s.end_sec), rng=rng)
+        return {"features": np.asarray(unit["features"][pos], dtype=np.float32), "prompt": s.prompt,
+                "answer": s.answer, "index": i}
+
+
+def collate(items: list[dict]) -> dict:
+    import torch
+    return {"features": torch.from_numpy(np.stack([it["features"] for it in items])),
+            "prompts": [it["prompt"] for it in items], "answers": [it["answer"] for it in items],
+            "index": [it["index"] for it in items]}
+
+
+def protocol_for(samples: list[Sample]) -> dict[tuple[str, str], Protocol]:
+    return {(s.benchmark, s.task): protocol(s.benchmark, s.task) for s in samples}

@@ -1,0 +1,270 @@
+"""`report`: score cached predictions and render the leaderboard. No model is called.
+
+The flow, top to bottom:
+
+1. **collect** – every run folder's ``predictions/*.parquet`` (written by `infer`).
+2. **score** – each (benchmark, task) with its protocol's answer rule and metrics
+   (`pipeline.metrics`), with 95 % bootstrap intervals resampled by video; LVU also
+   gets its seven-task average. Scores are cached per predictions fingerprint, so an
+   unchanged run is not re-scored.
+3. **render** – ``metrics.parquet`` (tidy), ``leaderboard.md`` and ``leaderboard.html``
+   with one table per benchmark family, every run beside the paper's reference and
+   ablation rows, best values marked; PNG plots beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.benchmarks import PROTOCOLS, protocol
+from pipeline.shards import atomic_path, write_parquet
+
+METRIC_SCHEMA = pa.schema([("run", pa.string()), ("benchmark", pa.string()), ("task", pa.string()),
+                           ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()),
+                           ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("fingerprint", pa.string())])
+FAMILY_TITLES = {"classification": "Long-term video classification (top-1 / top-5 %)",
+                 "qa": "Video question answering (top-1 / top-5 %)",
+                 "caption": "Video captioning (×100)",
+                 "anticipation": "Action anticipation (%)"}
+
+
+def run_label(run_dir: Path) -> str:
+    info = run_dir / "infer.json"
+    if info.exists():
+        label = json.loads(info.read_text()).get("config", {}).get("label")
+        if label:
+            return label
+    return run_dir.name
+
+
+def predictions_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None) -> pd.DataFrame:
+    """Tidy metric rows for one run folder (from cache when its predictions are unchanged)."""
+    from pipeline.metrics import lvu_average, score
+
+    files = sorted((run_dir / "predictions").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no predictions/*.parquet; run `malmm-pipeline infer --out {run_dir}`")
+    fp = predictions_fingerprint(files)
+    label = run_label(run_dir)
+    if cache is not None and len(cache):
+        hit = cache[(cache.run == label) & (cache.fingerprint == fp)]
+        if len(hit):
+            return hit
+    rows = []
+    for f in files:
+        preds = pd.read_parquet(f)
+        for (b, t), df in preds.groupby(["benchmark", "task"], sort=True):
+            rows += [dict(r) for r in score(protocol(b, t), df, n_boot=n_boot)]
+        if (preds.benchmark == "lvu").any():
+            rows += [dict(r) for r in lvu_average([r for r in rows if r["benchmark"] == "lvu"])]
+    out = pd.DataFrame(rows)
+    out.insert(0, "run", label)
+    out["fingerprint"] = fp
+    return out[METRIC_SCHEMA.names]
+
+
+def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: bool = True) -> dict:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = out_dir / "metrics.parquet"
+    cache = pd.read_parquet(cache_path) if cache_path.exists() else None
+    frames = []
+    for r in runs:
+        frames.append(score_run(Path(r), n_boot, cache))
+        print(f"report: scored {r}", file=sys.stderr, flush=True)
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_SCHEMA.names)
+    write_parquet(cache_path, pa.Table.from_pandas(metrics, schema=METRIC_SCHEMA, preserve_index=False))
+    images = make_plots(metrics, out_dir) if plots else []
+    md, page = render(metrics, [Path(p).name for p in images])
+    with atomic_path(out_dir / "leaderboard.md") as tmp:
+        tmp.write_text(md)
+    with atomic_path(out_dir / "leaderboard.html") as tmp:
+        tmp.write_text(page)
+    written = [str(cache_path), str(out_dir / "leaderboard.md"), str(out_dir / "leaderboard.html")] + images
+    return {"metrics": metrics, "files": written}
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fmt(value: float, lo: float, hi: float) -> str:
+    if pd.isna(value):
+        return "–"
+    if pd.isna(lo) or pd.isna(hi):
+        return f"{value:.1f}"
+    return f"{value:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def family_tables(metrics: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One wide table per benchmark family: rows = runs (+ paper rows), columns = benchmark / task / metric."""
+    fam_of = {(b, t): p.family for (b, t), p in PROTOCOLS.items()}
+    tables: dict[str, list[dict]] = {}
+    m = metrics.copy()
+    m["family"] = [fam_of.get((b, t), fam_of.get((b, ""), "classification")) if t != "average" else "classification"
+                   for b, t in zip(m.benchmark, m.task)]
+    for fam, df in m.groupby("family", sort=False):
+        cols = {}
+        for _, r in df.iterrows():
+            col = " / ".join(x for x in (r.benchmark, r.task, r.metric) if x)
+            cols.setdefault(col, {})[r.run] = (r.value, r.ci_low, r.ci_high)
+        rows = []
+        for run in dict.fromkeys(df.run):
+            rows.append({"run": run, **{c: v.get(run) for c, v in cols.items()}})
+        # paper reference rows for the benchmarks present
+        paper = {}
+        for c in cols:
+            parts = c.split(" / ")
+            b, metric = parts[0], parts[-1]
+            t = parts[1] if len(parts) == 3 else ""
+            try:
+                p = protocol(b, t if t != "average" else "")
+            except KeyError:
+                continue
+            ref = p.paper.get(metric)
+            if t == "average" and b == "lvu" and metric == "top1":
+                ref = 63.0
+            if ref is not None:
+                paper[c] = (ref, float("nan"), float("nan"))
+            for abl, val in p.ablations.items():
+                if metric == "top1":
+                    paper.setdefault(f"__abl_{abl}", {})
+                    paper[f"__abl_{abl}"][c] = (val, float("nan"), float("nan"))
+        if any(not k.startswith("__abl_") for k in paper):
+            rows.append({"run": "MA-LMM (paper)", **{c: v for c, v in paper.items() if not c.startswith("__abl_")}})
+        for k, v in paper.items():
+            if k.startswith("__abl_"):
+                rows.append({"run": f"paper ablation: {k[6:]}", **v})
+        tables[fam] = rows
+    return {fam: pd.DataFrame(rows) for fam, rows in tables.items()}
+
+
+def _best(df: pd.DataFrame, col: str) -> float | None:
+    vals = [v[0] for r, v in zip(df.run, df[col]) if isinstance(v, tuple) and not str(r).startswith(("paper", "MA-LMM"))]
+    return max(vals) if vals else None
+
+
+def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
+    """Markdown and HTML leaderboards; the best run value of each column is bold."""
+    md = ["# Leaderboard", "", "Values are the run's score with its 95 % bootstrap interval (resampled by video); "
+          "paper rows are MA-LMM's published numbers (DESIGN §5). **Bold**: best run per column.", ""]
+    body = []
+    for fam, df in family_tables(metrics).items():
+        cols = [c for c in df.columns if c != "run"]
+        md += [f"## {FAMILY_TITLES.get(fam, fam)}", "", "| run | " + " | ".join(cols) + " |",
+               "|---" * (len(cols) + 1) + "|"]
+        thead = "".join(f"<th>{html.escape(c)}</th>" for c in ["run"] + cols)
+        trs = []
+        best = {c: _best(df, c) for c in cols}
+        for _, r in df.iterrows():
+            cells_md, cells_html = [], []
+            for c in cols:
+                v = r[c]
+                if not isinstance(v, tuple):
+                    cells_md.append("")
+                    cells_html.append("<td></td>")
+                    continue
+                s = _fmt(*v)
+                is_best = best[c] is not None and v[0] == best[c] and not str(r.run).startswith(("paper", "MA-LMM"))
+                cells_md.append(f"**{s}**" if is_best else s)
+                cells_html.append(f"<td class='{'best' if is_best else ''}'>{html.escape(s)}</td>")
+            md.append(f"| {r.run} | " + " | ".join(cells_md) + " |")
+            cls = "paper" if str(r.run).startswith(("paper", "MA-LMM")) else ""
+            trs.append(f"<tr class='{cls}'><td>{html.escape(str(r.run))}</td>{''.join(cells_html)}</tr>")
+        md.append("")
+        body.append(f"<h2>{html.escape(FAMILY_TITLES.get(fam, fam))}</h2><table><thead><tr>{thead}</tr></thead>"
+                    f"<tbody>{''.join(trs)}</tbody></table>")
+    ns = metrics.groupby(["run", "benchmark", "task"]).n.max().reset_index() if len(metrics) else metrics
+    md += [f"![{Path(p).stem}]({p})" for p in images] + [""]
+    md += ["Samples scored per run / benchmark / task: " + ", ".join(
+        f"{r.run}/{r.benchmark}{('/' + r.task) if r.task else ''}: {r.n}" for r in ns.itertuples()), ""]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>MA-LMM leaderboard</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
+            "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:14px}th{background:#f3f3f3}"
+            "td:first-child{text-align:left}.best{font-weight:bold;background:#e6f4ea}.paper{color:#666;"
+            "font-style:italic}</style></head><body><h1>MA-LMM leaderboard</h1><p>Scores with 95 % bootstrap "
+            "intervals (resampled by video). Grey rows: the paper's published numbers. Green: best run per column."
+            "</p>" + "".join(body) + "".join(f"<h2>{html.escape(Path(p).stem)}</h2><img src='{html.escape(p)}' "
+                                             f"width='720'>" for p in images) + "</body></html>")
+    return "\n".join(md), page
+
+
+# ----------------------------------------------------------------------------- plots
+
+def make_plots(metrics: pd.DataFrame, out_dir: Path) -> list[str]:
+    """Top-1 per task and run with CI bars; memory / time against frames from reports/bench/model.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    acc = metrics[metrics.metric.isin(["top1", "cider"])]
+    if len(acc):
+        groups = list(dict.fromkeys(zip(acc.benchmark, acc.task, acc.metric)))
+        runs = list(dict.fromkeys(acc.run))
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+        w = 0.8 / max(1, len(runs))
+        for j, run in enumerate(runs):
+            xs, ys, lo, hi = [], [], [], []
+            for i, g in enumerate(groups):
+                r = acc[(acc.run == run) & (acc.benchmark == g[0]) & (acc.task == g[1]) & (acc.metric == g[2])]
+                if len(r):
+                    r = r.iloc[0]
+                    xs.append(i + j * w)
+                    ys.append(r.value)
+                    lo.append(r.value - (r.ci_low if pd.notna(r.ci_low) else r.value))
+                    hi.append((r.ci_high if pd.notna(r.ci_high) else r.value) - r.value)
+            ax.bar(xs, ys, w, yerr=[lo, hi], capsize=3, label=run)
+        ax.set_xticks([i + w * (len(runs) - 1) / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{b}\n{t} {m}" for b, t, m in groups], fontsize=8)
+        ax.set_ylabel("score (top-1 % / CIDEr)")
+        ax.set_title("Score by run (95 % bootstrap CI)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_savefig(fig, out_dir / "scores_by_run.png"))
+        plt.close(fig)
+    bench = out_dir / "bench" / "model.json"
+    if bench.exists():
+        data = json.loads(bench.read_text())
+        rows = data.get("memory_vs_frames") or data.get("streaming") or []
+        if rows:
+            df = pd.DataFrame(rows)
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for mode, d in df.groupby(df.columns[df.columns.str.contains("mode|aggregation|method")][0]
+                                      if df.columns.str.contains("mode|aggregation|method").any() else "frames"):
+                d = d.sort_values("frames")
+                mem_col = next((c for c in d.columns if "mem" in c.lower()), None)
+                time_col = next((c for c in d.columns if "time" in c.lower() or c.endswith("_s")), None)
+                if mem_col:
+                    axes[0].plot(d.frames, d[mem_col], marker="o", label=str(mode))
+                if time_col:
+                    axes[1].plot(d.frames, d[time_col], marker="o", label=str(mode))
+            axes[0].set_xlabel("frames")
+            axes[0].set_ylabel("peak memory")
+            axes[1].set_xlabel("frames")
+            axes[1].set_ylabel("time per video")
+            for a in axes:
+                a.legend()
+            fig.suptitle("Memory and time per video against frames (reports/bench/model.json)")
+            fig.tight_layout()
+            written.append(_savefig(fig, out_dir / "memory_vs_frames.png"))
+            plt.close(fig)
+    return written
+
+
+def _savefig(fig, path: Path) -> str:
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return str(path)

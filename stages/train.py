@@ -1,0 +1,359 @@
+"""`train`: Ray Train of MA-LMM's trainable parts from cached features, resumable.
+
+The flow, top to bottom:
+
+1. **join** (driver) – manifest samples of the benchmark's train (and val) split are
+   joined to the feature shards; samples without features are counted by reason.
+2. **fit** (Ray Train `TorchTrainer`, one process per worker) – each worker loads the
+   model (frozen LLM, trainable Q-Former / query tokens / projection / ln_vision /
+   frame PE), reads its slice of every global batch from the shards, and steps AdamW
+   with linear warm-up then cosine decay (DESIGN §5). Rank 0 writes checkpoints every
+   N steps and at each epoch end, the Parquet metrics log, and validates each epoch.
+3. **resume** – a run folder holding a checkpoint continues from it exactly: weights,
+   optimiser, scheduler, RNG and data position (epoch, step in epoch).
+
+The sample order is a seeded permutation per epoch; global batch k is split evenly
+across workers, so N workers see the same samples per step as one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.benchmarks import protocol, tasks_of
+from pipeline.config import TrainConfig
+from pipeline.data import FeatureStore, join_samples
+from pipeline.manifest import read_manifest
+from pipeline.shards import atomic_path, write_json, write_parquet
+
+CKPT_DIR = "checkpoints"
+
+
+class TrainInputError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- plan
+
+def plan(cfg: TrainConfig) -> dict:
+    """Resolve per-benchmark defaults and join samples; raise TrainInputError with counts on bad input."""
+    if not cfg.manifest:
+        raise TrainInputError("--manifest is required")
+    manifest = read_manifest(cfg.manifest)
+    try:
+        store = FeatureStore(cfg.features)
+    except FileNotFoundError as e:
+        raise TrainInputError(str(e)) from None
+    tasks = [cfg.task] if cfg.task else list(tasks_of(cfg.benchmark))
+    proto = protocol(cfg.benchmark, tasks[0])
+    train_rep = join_samples(manifest, store, split="train", benchmark=cfg.benchmark, task=cfg.task)
+    val_rep = join_samples(manifest, store, split="val", benchmark=cfg.benchmark, task=cfg.task)
+    n_manifest = int(((manifest.df.benchmark == cfg.benchmark) & (manifest.df.split == "train")
+                      & ((manifest.df.task == cfg.task) if cfg.task else True)).sum())
+    if n_manifest == 0:
+        raise TrainInputError(f"{cfg.manifest}: no training samples for benchmark {cfg.benchmark!r}"
+                              + (f" task {cfg.task!r}" if cfg.task else "") + " (split 'train')")
+    if not train_rep.samples:
+        raise TrainInputError(f"none of the {n_manifest} training samples of {cfg.benchmark} has features in "
+                              f"{cfg.features}: {train_rep.summary()}. Run `malmm-pipeline extract --manifest "
+                              f"{cfg.manifest} --out {cfg.features}` first.")
+    hp = {
+        "num_frames": cfg.num_frames or proto.num_frames,
+        "memory_length": cfg.memory_length or proto.memory_length,
+        "epochs": cfg.epochs or proto.epochs,
+        "batch_size": cfg.batch_size or proto.batch_size,
+        "lr": cfg.lr or proto.lr,
+    }
+    return {"train": train_rep, "val": val_rep, "hp": hp, "tasks": tasks}
+
+
+def malmm_config(cfg: TrainConfig, hp: dict):
+    from pipeline.model.modeling_malmm import MALMMConfig
+    return MALMMConfig(memory=cfg.memory, visual_memory=cfg.visual_memory, query_memory=cfg.query_memory,
+                       memory_length=hp["memory_length"], max_frames=max(hp["num_frames"], 1),
+                       aggregation=cfg.aggregation)
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and other 1-D tensors (DESIGN §5)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 7]).permutation(n)
+
+
+# ----------------------------------------------------------------------------- worker
+
+def train_loop(loop_cfg: dict) -> None:
+    """Ray Train worker: one process of the data-parallel group."""
+    import ray.train
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import SampleDataset, collate
+    from pipeline.model.checkpoint import load_malmm
+    from pipeline.model.modeling_malmm import MALMMConfig
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrainConfig(**loop_cfg["cfg"])
+    hp, run_dir = loop_cfg["hp"], Path(loop_cfg["run_dir"])
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(loop_cfg.get("threads", 1))))
+    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+
+    model = load_malmm(loop_cfg["model_dir"], MALMMConfig(**loop_cfg["malmm"]))
+    model.to(device)
+    ddp = None
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    fwd = ddp or model
+
+    samples = loop_cfg["train_samples"]
+    dataset = SampleDataset(samples, cfg.features, hp["num_frames"], train=True, seed=cfg.seed)
+    global_bs = hp["batch_size"]
+    if global_bs % world:
+        raise ValueError(f"batch size {global_bs} is not divisible by --num-workers {world}")
+    local_bs = global_bs // world
+    steps_per_epoch = len(samples) // global_bs or 1
+    opt_steps_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
+    total = opt_steps_per_epoch * hp["epochs"]
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=hp["lr"], betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None}
+    log_rows: list[dict] = []
+    resume = loop_cfg.get("resume_from")
+    if resume:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(Path(resume) / "trainable.safetensors")), strict=False)
+        optimizer.load_state_dict(torch.load(Path(resume) / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(Path(resume) / "scheduler.pt", weights_only=True))
+        rng = Path(resume) / f"rng_rank{rank}.pt"
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng, weights_only=True))
+        state = json.loads((Path(resume) / "state.json").read_text())
+        if (run_dir / "metrics.parquet").exists():
+            import pandas as pd
+            log = pd.read_parquet(run_dir / "metrics.parquet")
+            log_rows = log[log.global_step <= state["global_step"]].to_dict("records")
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    model.train()
+    for epoch in range(state["epoch"], hp["epochs"]):
+        dataset.set_epoch(epoch)
+        order = epoch_order(len(samples), cfg.seed, epoch)[: steps_per_epoch * global_bs]
+        batches = order.reshape(steps_per_epoch, global_bs)[:, rank * local_bs:(rank + 1) * local_bs]
+        start = state["step_in_epoch"] if epoch == state["epoch"] else 0
+        loader = DataLoader(dataset, batch_sampler=[list(b) for b in batches[start:]], collate_fn=collate,
+                            num_workers=loop_cfg.get("loader_workers", 0))
+        t_wait = time.perf_counter()
+        accum_loss, micro = 0.0, 0
+        for step_in_epoch, batch in enumerate(loader, start=start):
+            t_got = time.perf_counter()
+            with autocast:
+                out = fwd(features=batch["features"].to(device), prompts=batch["prompts"],
+                          targets=batch["answers"])
+            (out.loss / cfg.grad_accum).backward()
+            accum_loss += float(out.loss.detach())
+            micro += 1
+            if micro < cfg.grad_accum and step_in_epoch + 1 < steps_per_epoch:
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] = step_in_epoch + 1
+            t_done = time.perf_counter()
+            row = {"global_step": state["global_step"], "epoch": epoch, "loss": accum_loss / micro,
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": global_bs * micro / max(1e-9, t_done - t_wait),
+                   "data_wait_frac": (t_got - t_wait) / max(1e-9, t_done - t_wait)}
+            accum_loss, micro = 0.0, 0
+            log_rows.append(row)
+            ray.train.report({k: v for k, v in row.items()})
+            if rank == 0:
+                _write_progress(run_dir, row)
+            t_wait = time.perf_counter()
+            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows)
+            if loop_cfg.get("stop_after_step") and state["global_step"] >= loop_cfg["stop_after_step"]:
+                return  # test hook: simulate a crash right after a step
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        val = None
+        if rank == 0 and cfg.validate and loop_cfg.get("val_samples"):
+            val = _validate(model, loop_cfg["val_samples"], cfg, hp, device)
+            log_rows[-1].update({f"val_{k}": v for k, v in val.items()})
+            model.train()
+        if val is not None:
+            score = val.get("top1", val.get("cider"))
+            if score is not None and (state["best"] is None or score > state["best"]["score"]):
+                state["best"] = {"score": score, "global_step": state["global_step"]}
+        _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows, epoch_end=True)
+
+
+def _write_progress(run_dir: Path, row: dict) -> None:
+    with atomic_path(run_dir / "progress.json") as tmp:
+        tmp.write_text(json.dumps(row))
+
+
+def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, world: int, cfg: TrainConfig,
+                log_rows: list[dict], epoch_end: bool = False) -> None:
+    """Write a checkpoint folder atomically (rank 0: weights, optimiser, scheduler, state, log; every rank: RNG)."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.model.checkpoint import save_checkpoint
+
+    name = f"step-{state['global_step']:08d}"
+    ckpts = run_dir / CKPT_DIR
+    tmp = ckpts / f".{name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return
+    save_checkpoint(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    write_parquet(run_dir / "metrics.parquet", log_rows)
+    final = ckpts / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _prune(ckpts, cfg.keep_last, state.get("best"))
+    write_json(run_dir / "latest.json", {"checkpoint": name, **state})
+
+
+def _prune(ckpts: Path, keep_last: int, best: dict | None) -> None:
+    names = sorted(p.name for p in ckpts.glob("step-*") if p.is_dir())
+    keep = set(names[-keep_last:]) if keep_last > 0 else set(names)
+    if best:
+        keep.add(f"step-{best['global_step']:08d}")
+    for n in names:
+        if n not in keep:
+            shutil.rmtree(ckpts / n, ignore_errors=True)
+
+
+def _validate(model, samples, cfg: TrainConfig, hp: dict, device) -> dict:
+    """Score the val split with the same generation and scoring path as `infer` / `report`."""
+    from stages.infer import predict_samples
+    from pipeline.metrics import score
+    import pandas as pd
+
+    preds = predict_samples(model, samples, cfg.features, hp["num_frames"], batch_size=hp["batch_size"],
+                            device=device)
+    out = {}
+    for (b, t), df in pd.DataFrame(preds).groupby(["benchmark", "task"]):
+        for m in score(protocol(b, t), df, n_boot=0):
+            out.setdefault(m["metric"], []).append(m["value"])
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    names = sorted(p for p in (run_dir / CKPT_DIR).glob("step-*") if p.is_dir())
+    return names[-1] if names else None
+
+
+def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None = None,
+        threads: int | None = None) -> dict:
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.defaults import resolve_model_dir
+    from pipeline.runtime import init_ray
+
+    p = plan(cfg)
+    hp = p["hp"]
+    run_dir = Path(cfg.out).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = latest_checkpoint(run_dir) if cfg.resume else None
+    if not cfg.resume and (run_dir / CKPT_DIR).exists():
+        shutil.rmtree(run_dir / CKPT_DIR)
+        (run_dir / "metrics.parquet").unlink(missing_ok=True)
+    print(f"train: {cfg.benchmark} tasks={','.join(p['tasks'])} train: {p['train'].summary()}; "
+          f"val: {p['val'].summary()}; hp={hp}" + (f"; resuming from {resume_from.name}" if resume_from else ""),
+          file=sys.stderr, flush=True)
+    if cfg.dry_run:
+        return {"plan": p, "resume_from": resume_from}
+    model_dir = str(resolve_model_dir(cfg.model))
+    mcfg = malmm_config(cfg, hp)
+    run_info = {"config": asdict(cfg), "hp": hp, "malmm": asdict(mcfg), "model_dir": model_dir,
+                "train_samples": len(p["train"].samples), "val_samples": len(p["val"].samples),
+                "skipped": p["train"].missing}
+    write_json(run_dir / "run.json", run_info)
+    init_ray(cfg.address)
+    n_cpus = max(1, (os.cpu_count() or 1) // max(1, cfg.num_workers))
+    loop_cfg = {"cfg": asdict(cfg), "hp": hp, "run_dir": str(run_dir), "model_dir": model_dir, "malmm": asdict(mcfg),
+                "train_samples": p["train"].samples, "val_samples": p["val"].samples,
+                "resume_from": str(resume_from) if resume_from else None, "stop_after_step": stop_after_step,
+                "threads": threads or n_cpus}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(run_dir / "ray"), name="train",
+                             ),
+    )
+    total_steps = max(1, (len(p["train"].samples) // hp["batch_size"]) // cfg.grad_accum) * hp["epochs"]
+    result = _fit_with_progress(trainer, run_dir, total_steps, progress)
+    if result.error:
+        raise result.error
+    return {"run_dir": str(run_dir), "metrics": result.metrics, "checkpoint": str(latest_checkpoint(run_dir))}
+
+
+def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool):
+    """Run ``trainer.fit()`` while a tqdm bar follows the ``progress.json`` that rank 0 writes each step."""
+    import threading
+
+    from tqdm import tqdm
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+    (run_dir / "progress.json").unlink(missing_ok=True)
+    thread.start()
+    bar = tqdm(total=total_steps, unit="step", desc="train", file=sys.stderr, disable=not progress)
+    while thread.is_alive():
+        thread.join(0.5)
+        try:
+            p = json.loads((run_dir / "progress.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        bar.n = p["global_step"]
+        bar.set_postfix(epoch=p["epoch"], loss=f"{p['loss']:.3f}")
+        bar.refresh()
+    bar.close()
+    return box["result"]
