@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import ExtractConfig, resolve
+from pipeline.config import ExtractConfig, InferConfig, ReportConfig, TrainConfig, resolve
 from pipeline.manifest import ManifestError
 
 app = typer.Typer(
@@ -95,6 +95,138 @@ def extract(
                    + f"  (details: {res.out}/ledger.parquet)")
     if res.ok == 0 or (cfg.strict and res.failed):
         raise typer.Exit(1)
+
+
+@app.command()
+def manifest(
+    benchmark: str = typer.Argument(..., help="lvu, breakfast, coin, msrvtt-qa, msvd-qa, activitynet-qa, msrvtt-cap, msvd-cap, youcook2-cap or ek100."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="Folder with the benchmark's official annotation files."),
+    videos: Path = typer.Option(..., "--videos", help="Folder holding (or that will hold) the videos."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split (train / val / test)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Manifest CSV to write (default manifests/BENCHMARK.csv)."),
+):
+    """Convert a benchmark's published annotations into a manifest CSV (next: `extract --manifest`)."""
+    from pipeline import converters
+
+    try:
+        res = converters.convert(benchmark, annotations, videos, split=split,
+                                 out=out or Path("manifests") / f"{benchmark}.csv")
+    except (converters.ConversionError, KeyError, FileNotFoundError) as e:
+        _fail(f"error: {e}")
+    typer.echo(str(res))
+
+
+@app.command()
+def train(
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Features folder written by extract."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", "-m", help="The manifest the features were extracted from."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark to train on."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="One task (e.g. an LVU task); default: all tasks of the benchmark."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics.parquet); a folder with a checkpoint is resumed."),
+    model: Optional[str] = typer.Option(None, "--model", help="'tiny' or a local InstructBLIP directory (Q-Former, projection, LLM)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory bank policy: mbc | fifo | none (last frame only)."),
+    visual_memory: Optional[bool] = typer.Option(None, "--visual-memory/--no-visual-memory", help="Use the visual memory bank."),
+    query_memory: Optional[bool] = typer.Option(None, "--query-memory/--no-query-memory", help="Use the query memory bank."),
+    aggregation: Optional[str] = typer.Option(None, "--aggregation", help="memory | concat | avgpool (Table 8 baselines)."),
+    num_frames: Optional[int] = typer.Option(None, "--num-frames", help="Frames per sample (default: the benchmark's)."),
+    memory_length: Optional[int] = typer.Option(None, "--memory-length", "-L", help="Memory bank length L (default: the benchmark's)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the benchmark's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split across workers)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the benchmark's)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps before cosine decay."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: the same seed gives the same loss trajectory."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Ray Train workers (data parallel)."),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu", help="One GPU per worker, bf16 autocast."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps (and at each epoch end)."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept (plus the best on validation)."),
+    validate: Optional[bool] = typer.Option(None, "--validate/--no-validate", help="Score the val split after each epoch."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--restart", help="Continue from the run folder's last checkpoint (default) or start over."),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Join samples to features and print the plan only."),
+    address: Optional[str] = AddressOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Train MA-LMM's memory Q-Former (and projection, ln_vision, frame PE) from cached features on Ray Train."""
+    from stages import train as stage
+
+    cfg = resolve(TrainConfig, "train", config, features=features, manifest=manifest, benchmark=benchmark, task=task,
+                  out=out, model=model, memory=memory, visual_memory=visual_memory, query_memory=query_memory,
+                  aggregation=aggregation, num_frames=num_frames, memory_length=memory_length, epochs=epochs,
+                  batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
+                  num_workers=num_workers, use_gpu=use_gpu, checkpoint_every=checkpoint_every, keep_last=keep_last,
+                  validate=validate, resume=resume, dry_run=dry_run, address=address)
+    try:
+        res = stage.run(cfg)
+    except (stage.TrainInputError, ManifestError) as e:
+        _fail(f"error: {e}")
+    if not cfg.dry_run:
+        typer.echo(f"train: done → {res['checkpoint']}")
+
+
+@app.command()
+def infer(
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-k", help="A train run folder or checkpoint, an HF InstructBLIP directory (zero-shot) or a MA-LMM release file."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Features folder written by extract."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", "-m", help="The manifest the features were extracted from."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to predict (default test)."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Only this benchmark."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Only this task."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder for predictions/{benchmark}.parquet."),
+    label: Optional[str] = typer.Option(None, "--label", help="The run's name in the leaderboard (default: the folder name)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model when the checkpoint does not name one ('tiny' or a directory)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per generation batch."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Generator actors (one GPU each when there are GPUs)."),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per generator actor."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled (.pth) MA-LMM release checkpoint."),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Join and count what would be predicted."),
+    address: Optional[str] = AddressOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Batched beam search with each benchmark's generation settings; re-runs skip what is already predicted."""
+    from stages import infer as stage
+
+    cfg = resolve(InferConfig, "infer", config, checkpoint=checkpoint, features=features, manifest=manifest,
+                  split=split, benchmark=benchmark, task=task, out=out, label=label, model=model, batch_size=batch_size,
+                  workers=workers, num_gpus=num_gpus, dry_run=dry_run, address=address)
+    try:
+        res = stage.run(cfg, trust_pickle=trust_pickle)
+    except (ManifestError, ValueError, FileNotFoundError) as e:
+        _fail(f"error: {e}")
+    typer.echo(f"infer: {res}")
+
+
+@app.command()
+def report(
+    runs: Optional[list[str]] = typer.Argument(None, help="Run folders holding predictions/ (from infer)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for metrics.parquet, leaderboard.md/.html and plots."),
+    n_boot: Optional[int] = typer.Option(None, "--n-boot", help="Bootstrap resamples for the 95 % intervals."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """Score cached predictions (no model call) and write the leaderboard beside the paper's numbers."""
+    from stages import report as stage
+
+    cfg = resolve(ReportConfig, "report", config, runs=runs or None, out=out, n_boot=n_boot)
+    if not cfg.runs:
+        _fail("error: give at least one run folder (e.g. `malmm-pipeline report work/runs/infer`)")
+    try:
+        res = stage.run(cfg.runs, cfg.out, cfg.n_boot)
+    except FileNotFoundError as e:
+        _fail(f"error: {e}")
+    typer.echo("report: wrote " + ", ".join(res["files"]))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the demo's data, features, runs and reports."),
+    videos: Optional[int] = typer.Option(None, "--videos", help="Synthetic videos to generate."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per variant."),
+    quick: bool = typer.Option(False, "--quick", help="A small, fast version of the chain (what CI runs)."),
+):
+    """The whole chain on the built-in synthetic benchmark: synth → extract → train (MBC, FIFO, no memory) → infer → report."""
+    from stages import demo as stage
+
+    res = stage.run(out, videos=videos, epochs=epochs, quick=quick)
+    typer.echo(f"demo: leaderboard → {res['leaderboard']}")
 
 
 @app.command()

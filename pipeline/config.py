@@ -78,6 +78,7 @@ class InferConfig:
     benchmark: str | None = None
     task: str | None = None
     out: str = "work/runs/infer"
+    label: str | None = None  # the run's name in the leaderboard (default: the folder name)
     model: str = "tiny"
     batch_size: int = 16
     workers: int = 1

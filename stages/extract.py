@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -117,6 +118,8 @@ def decode_video(item: dict) -> dict:
 
     units = json.loads(item["units"])
     t0 = time.perf_counter()
+    if os.environ.get("MALMM_DECODE_DELAY"):  # test hook: slow decoding so a kill lands mid-run
+        time.sleep(float(os.environ["MALMM_DECODE_DELAY"]))
     row = {"vid": item["vid"], "source": item["source"], "frames": np.zeros((0, 1, 1, 3), np.uint8),
            "error_reason": "", "error_message": "", "info": "{}", "units": item["units"], "decode_s": 0.0}
     try:
@@ -346,7 +349,7 @@ def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
 
     if cfg.retry_failed:
         _reopen_failed_shards(out, units, vid_of)
-    _check_previous_plan(out, cfg, units)
+    _check_previous_plan(out, cfg, units, video_root)
 
     pending: dict[str, list[Unit]] = defaultdict(list)
     for u in units:
@@ -422,14 +425,15 @@ def _reopen_failed_shards(out: Path, units: list[Unit], vid_of: dict[str, str]) 
                     (out / STAGING / f"{vid_of[u.key]}.json").unlink(missing_ok=True)
 
 
-def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit]) -> None:
+def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video_root: str | None) -> None:
     """Refuse to mix shards of a different plan (other manifest, shard size or policy) into one folder."""
-    plan = {"shard_size": cfg.shard_size, "units": hashlib.sha1("".join(u.key for u in units).encode()).hexdigest(),
+    plan = {"video_root": str(Path(video_root).resolve()) if video_root and "://" not in video_root else video_root,
+            "shard_size": cfg.shard_size, "units": hashlib.sha1("".join(u.key for u in units).encode()).hexdigest(),
             "model": cfg.model, "dtype": cfg.dtype, "sampling": cfg.sampling}
     path = out / "extract.json"
     if path.exists():
         prev = json.loads(path.read_text())
-        diff = [k for k in plan if prev.get(k) != plan[k]]
+        diff = [k for k in plan if k != "video_root" and prev.get(k) != plan[k]]
         if diff:
             raise SystemExit(f"error: {out} holds shards of a different extraction ({', '.join(diff)} changed); "
                              f"use another --out or delete {out}")
