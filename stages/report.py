@@ -112,7 +112,7 @@ def family_tables(metrics: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One wide table per benchmark family: rows = runs (+ paper rows), columns = benchmark / task / metric."""
     fam_of = {(b, t): p.family for (b, t), p in PROTOCOLS.items()}
     tables: dict[str, list[dict]] = {}
-    m = metrics.copy()
+    m = metrics[metrics.metric != "n_failed"].copy()
     m["family"] = [fam_of.get((b, t), fam_of.get((b, ""), "classification")) if t != "average" else "classification"
                    for b, t in zip(m.benchmark, m.task)]
     for fam, df in m.groupby("family", sort=False):
@@ -186,10 +186,11 @@ def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
         md.append("")
         body.append(f"<h2>{html.escape(FAMILY_TITLES.get(fam, fam))}</h2><table><thead><tr>{thead}</tr></thead>"
                     f"<tbody>{''.join(trs)}</tbody></table>")
-    ns = metrics.groupby(["run", "benchmark", "task"]).n.max().reset_index() if len(metrics) else metrics
     md += [f"![{Path(p).stem}]({p})" for p in images] + [""]
-    md += ["Samples scored per run / benchmark / task: " + ", ".join(
-        f"{r.run}/{r.benchmark}{('/' + r.task) if r.task else ''}: {r.n}" for r in ns.itertuples()), ""]
+    failed = metrics[metrics.metric == "n_failed"]
+    md += ["Samples scored (failed predictions count as wrong): " + ", ".join(
+        f"{r.run} / {r.benchmark}{(' / ' + r.task) if r.task else ''}: {r.n}"
+        + (f" ({int(r.value)} failed)" if r.value else "") for r in failed.itertuples()), ""]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>MA-LMM leaderboard</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:14px}th{background:#f3f3f3}"
