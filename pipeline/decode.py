@@ -701,7 +701,7 @@ class _PyAVEngine:
         self._cache: dict = {}
 
     # -- opening and classification
-    def _open(self, path: str):
+    def _open(self, path: str, threads: int = 1):
         import av
 
         try:
@@ -726,6 +726,9 @@ class _PyAVEngine:
         if stream.codec_context is None:
             container.close()
             raise DecodeError("decode_error", path, "no decoder for the video codec")
+        cc = stream.codec_context
+        cc.thread_count = max(1, int(threads))  # (must be set before the decoder opens)
+        cc.thread_type = "SLICE" if threads <= 1 else "AUTO"
         return container, stream
 
     def _index(self, path: str, container, stream) -> _PyAVIndex:
@@ -850,6 +853,8 @@ class _PyAVEngine:
                         else:
                             count += 1
                             r = count
+                        if fr.is_corrupt:
+                            continue
                         if r is not None and r > best:
                             best = r
                         if r is not None and r >= stop:
@@ -912,7 +917,7 @@ class _PyAVEngine:
 
         path = msg["path"]
         t0 = time.perf_counter()
-        container, stream = self._open(path)
+        container, stream = self._open(path, max(1, int(msg.get("threads") or 1)))
         try:
             idx, info, rot = self._prepare(path, container, stream)
             info = copy.deepcopy(info)
@@ -925,10 +930,6 @@ class _PyAVEngine:
             strategy = msg["strategy"] if msg["strategy"] != "get_batch" else "seek"
             if not idx.ordered:
                 strategy = "sequential"
-            cc = stream.codec_context
-            threads = max(1, int(msg.get("threads") or 1))
-            cc.thread_count = threads
-            cc.thread_type = "SLICE" if threads == 1 else "AUTO"
             size = msg.get("size")
             h, w = (size if size else (info.height, info.width))
             conv = _Converter(h, w, resize=bool(size), rot_k=rot)
@@ -964,7 +965,7 @@ class _PyAVEngine:
                 ts = used_idx / info.fps if info.fps else np.zeros(len(used_idx))
             stats["decode_s"] = time.perf_counter() - t0
             return {"ok": True, "info": asdict(info), "indices": used_idx.tolist(), "timestamps": ts.tolist(),
-                    "shape": out.shape, "decoder": "pyav", "strategy": msg["strategy"], "stats": stats,
+                    "shape": out.shape, "decoder": "pyav", "strategy": strategy, "stats": stats,
                     "array": out.array}
         except av.error.FFmpegError as e:
             raise DecodeError("decode_error", path, f"pyav: {e}") from None
@@ -1017,7 +1018,7 @@ class _PyAVEngine:
                     else:
                         count += 1
                         r = count
-                    if r is None:
+                    if r is None or fr.is_corrupt:  # concealed garbage is not a frame of the video
                         continue
                     if r in remaining:
                         conv.write(fr, r, out, positions)
@@ -1060,7 +1061,7 @@ class _PyAVEngine:
                     else:
                         count += 1
                         r = count
-                    if r is None:
+                    if r is None or fr.is_corrupt:
                         continue
                     while j < len(pending) and pending[j] < r:  # passed pending[j] without seeing it
                         src = prev if prev is not None else (r, fr)
@@ -1218,7 +1219,8 @@ class _DecordEngine:
             out.array[i] = frames[r]
         stats = {"distinct": int(len(wanted)), "converted": int(len(wanted)), "decode_s": time.perf_counter() - t0}
         return {"ok": True, "info": asdict(info), "indices": req.tolist(), "timestamps": [tmap[r] for r in req.tolist()],
-                "shape": out.shape, "decoder": "decord", "strategy": msg["strategy"], "stats": stats,
+                "shape": out.shape, "decoder": "decord",
+                "strategy": "sequential" if msg["strategy"] == "sequential" else "get_batch", "stats": stats,
                 "array": out.array}
 
     def _native_size(self, path: str) -> tuple[int, int]:

@@ -87,12 +87,13 @@ def render_frame(index: int, h: int, w: int, seed: int = 0, texture: np.ndarray 
 
 def make_video(path, num_frames: int, fps: float = 30, size: tuple[int, int] = (96, 128), gop: int = 30,
                codec: str = "libx264", seed: int = 0, *, bframes: int | None = None, faststart: bool = False,
-               crf: int = 23, preset: str = "medium", container: str | None = None) -> Path:
+               crf: int = 23, preset: str = "medium", container: str | None = None, rotation: int = 0) -> Path:
     """Write a real video of ``num_frames`` frames whose frame ``i`` shows the code of ``i``.
 
     ``gop``: keyframe interval (fixed; scene-cut keyframes are disabled for libx264), ``bframes``:
     B-frames between references (x264's default, 3, when None), ``faststart``: put the mp4 index
-    (moov) before the media data, ``container``: force a muxer (e.g. "matroska") whatever the suffix.
+    (moov) before the media data, ``container``: force a muxer (e.g. "matroska") whatever the suffix,
+    ``rotation``: display rotation (degrees counter-clockwise) stored in the stream's display matrix.
     Deterministic for given arguments (single-threaded encoder).
     """
     import av
@@ -119,6 +120,8 @@ def make_video(path, num_frames: int, fps: float = 30, size: tuple[int, int] = (
         else:
             stream.codec_context.gop_size = gop
         stream.options = copts
+        if rotation:
+            stream.set_display_rotation(rotation)
         tex = _texture(h, w, seed, 64)
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(render_frame(i, h, w, seed, tex), format="rgb24")
@@ -134,11 +137,14 @@ def make_video(path, num_frames: int, fps: float = 30, size: tuple[int, int] = (
 
 
 def make_zero_frame_video(path, size: tuple[int, int] = (96, 128), fps: float = 30) -> Path:
-    """An mp4 with a declared H.264 video stream and not a single frame in it."""
+    """An AVI file with a declared H.264 video stream and not a single frame in it.
+
+    (AVI, because FFmpeg's mp4 reader drops a track without samples: such an mp4 has no video stream.)
+    """
     import av
 
     path = Path(path)
-    out = av.open(str(path), mode="w")
+    out = av.open(str(path), mode="w", format="avi")
     try:
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = size[1], size[0]
@@ -206,7 +212,7 @@ def make_fault_corpus(directory, *, size: tuple[int, int] = (96, 128)) -> dict[s
     * ``text_as_mp4``        — a text file named .mp4                                → not_video
     * ``audio_only``         — a valid WAV file named .mp4 (no video stream)         → not_video
     * ``truncated``          — an mp4 (index at the end) cut in the middle of mdat   → truncated
-    * ``zero_frames``        — an mp4 with a video stream and no frames              → zero_frames
+    * ``zero_frames``        — an AVI with a video stream and no frames              → zero_frames
     * ``lying_header``       — faststart mp4 (index first) with mdat cut at 60 %:
                                the header declares 90 frames, about 54 exist         → ok (clamped)
     * ``lying_header_empty`` — faststart mp4 cut right after the index: the header
@@ -237,7 +243,7 @@ def make_fault_corpus(directory, *, size: tuple[int, int] = (96, 128)) -> dict[s
     _cut(full, p, mdat[1] + mdat[2] // 2)
     out["truncated"] = (p, "truncated")
 
-    p = make_zero_frame_video(d / "zero_frames.mp4", size)
+    p = make_zero_frame_video(d / "zero_frames.avi", size)
     out["zero_frames"] = (p, "zero_frames")
 
     fast = make_video(d / "_faststart.mp4", 90, 30, size, gop=30, seed=2, faststart=True)
