@@ -331,7 +331,9 @@ def _test_hooks() -> dict:
 def _dispatch(msg: dict, decoder: str, timeout_s: float | None, out_bytes) -> dict:
     """Run ``msg`` with engine fallback, in a watchdog worker (or in-process when timeout_s is None)."""
     engines = _engine_order(decoder, msg.get("strategy"))
-    msg = dict(msg, hooks=_test_hooks())
+    # the worker keeps the packet index of its last few files (a probe then a read index once);
+    # MALMM_DECODE_INDEX_CACHE=0 turns that off (benchmarks of a single read)
+    msg = dict(msg, hooks=_test_hooks(), cache=os.environ.get("MALMM_DECODE_INDEX_CACHE", "1") != "0")
     path = msg["path"]
     if timeout_s is None:
         msg["engines"] = engines
@@ -630,16 +632,26 @@ def _apply_hooks(hooks: dict, engine: str) -> None:
 
 
 class _Out:
-    """Output frames [N, H, W, 3] in requested order: in a memfd mapping, or a plain array."""
+    """Output frames [N, H, W, 3] in requested order: in the memfd mapping, or a plain array (allocated
+    when the output size is known: at once, or at the first converted frame)."""
 
-    def __init__(self, n: int, h: int, w: int, memfd: int | None):
-        self.shape = (n, h, w, 3)
-        nbytes = n * h * w * 3
-        self.mm = None
-        if memfd is not None and nbytes > 0:
-            os.ftruncate(memfd, nbytes)
-            self.mm = mmap.mmap(memfd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self.array = np.frombuffer(self.mm, dtype=np.uint8).reshape(self.shape)
+    def __init__(self, n: int, memfd: int | None, h: int | None = None, w: int | None = None):
+        self.n = n
+        self.memfd = memfd
+        self.array = None
+        self.shape = None
+        if h is not None:
+            self.ensure(h, w)
+
+    def ensure(self, h: int, w: int) -> None:
+        if self.array is not None:
+            return
+        self.shape = (self.n, int(h), int(w), 3)
+        nbytes = self.n * int(h) * int(w) * 3
+        if self.memfd is not None and nbytes > 0:
+            os.ftruncate(self.memfd, nbytes)
+            mm = mmap.mmap(self.memfd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.array = np.frombuffer(mm, dtype=np.uint8).reshape(self.shape)
         else:
             self.array = np.empty(self.shape, np.uint8)
 
@@ -654,7 +666,8 @@ def _handle(msg: dict, memfd: int | None) -> dict:
         try:
             _apply_hooks(hooks, engine)
             if msg["op"] == "probe":
-                info = _ENGINES[engine].probe(path)
+                info = (_ENGINES[engine].probe(path, use_cache=msg.get("cache", True)) if engine == "pyav"
+                        else _ENGINES[engine].probe(path))
                 return {"ok": True, "info": asdict(info)}
             return _ENGINES[engine].read(msg, memfd)
         except DecodeError as e:
@@ -771,34 +784,48 @@ class _PyAVEngine:
             damaged = f"the header declares {declared} frames, the file holds {n}"
         return _PyAVIndex(spts, kf.astype(np.int64), ordered, damaged, declared)
 
-    def _prepare(self, path: str, container, stream):
-        """Index, info and display rotation (cached per file version); leaves the file at its start."""
+    def _prepare(self, path: str, container, stream, *, rotation: bool, use_cache: bool = True):
+        """Index, base info (coded size) and display rotation (None until known), cached per file version.
+
+        ``rotation``: find the rotation now (decodes the first frame) rather than leave it to the caller.
+        Leaves the file at its start."""
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        idx = self._index(path, container, stream)
-        num = len(idx.pts)
-        notes = []
-        if idx.damaged and num > 0:
-            num = self._decodable_prefix(container, stream, idx)
-            if num < len(idx.pts) or (idx.declared and num < idx.declared):
-                notes.append(f"frame count mismatch: {idx.damaged}; {num} frames decode"
-                             + (f" of {idx.declared} declared" if idx.declared else f" of {len(idx.pts)} indexed"))
-            else:
-                notes.append(idx.damaged)
-        if num == 0:
-            if idx.declared > 0:
-                raise DecodeError("frame_count_mismatch", path,
-                                  f"the header declares {idx.declared} frames but none can be decoded")
-            raise DecodeError("zero_frames", path, "the video stream holds no frame")
-        rot = self._first_frame_rotation(container, stream)
-        info = self._info(stream, idx, num, notes, rot)
-        if len(self._cache) >= 8:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = (idx, info, rot)
-        return idx, info, rot
+        hit = self._cache.get(key) if use_cache else None
+        if hit is None:
+            idx = self._index(path, container, stream)
+            num = len(idx.pts)
+            notes = []
+            if idx.damaged and num > 0:
+                num = self._decodable_prefix(container, stream, idx)
+                if num < len(idx.pts) or (idx.declared and num < idx.declared):
+                    notes.append(f"frame count mismatch: {idx.damaged}; {num} frames decode"
+                                 + (f" of {idx.declared} declared" if idx.declared else
+                                    f" of {len(idx.pts)} indexed"))
+                else:
+                    notes.append(idx.damaged)
+            if num == 0:
+                if idx.declared > 0:
+                    raise DecodeError("frame_count_mismatch", path,
+                                      f"the header declares {idx.declared} frames but none can be decoded")
+                raise DecodeError("zero_frames", path, "the video stream holds no frame")
+            hit = [idx, self._info(stream, idx, num, notes), None]
+            if use_cache:
+                if len(self._cache) >= 8:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = hit
+        if rotation and hit[2] is None:
+            hit[2] = self._first_frame_rotation(container, stream)
+        return hit
+
+    @staticmethod
+    def _rotated(info: VideoInfo, rot: int | None) -> VideoInfo:
+        import copy
+
+        out = copy.deepcopy(info)
+        if rot and rot % 2:
+            out.width, out.height = info.height, info.width
+        return out
 
     def _first_frame_rotation(self, container, stream) -> int:
         import av
@@ -879,7 +906,7 @@ class _PyAVEngine:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def _info(self, stream, idx: _PyAVIndex, num: int, notes: list, rot_k: int) -> VideoInfo:
+    def _info(self, stream, idx: _PyAVIndex, num: int, notes: list) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate
         tb = float(stream.time_base) if stream.time_base else 0.0
         fps = float(rate) if rate else 0.0
@@ -894,53 +921,56 @@ class _PyAVEngine:
         if fps <= 0:
             fps = num / duration if duration > 0 else 0.0
         cc = stream.codec_context
-        w, h = int(cc.width or 0), int(cc.height or 0)
-        if rot_k % 2:
-            w, h = h, w
+        w, h = int(cc.width or 0), int(cc.height or 0)  # coded size; see _rotated
         kf = [int(k) for k in idx.keyframes if k < num] or [0]
         return VideoInfo(num_frames=int(num), fps=fps, duration_sec=float(duration), width=w, height=h,
                          keyframes=kf, declared_num_frames=int(idx.declared or len(idx.pts)), decoder="pyav",
                          codec=str(cc.name or ""), notes=notes)
 
     # -- public engine operations
-    def probe(self, path: str) -> VideoInfo:
+    def probe(self, path: str, use_cache: bool = True) -> VideoInfo:
         container, stream = self._open(path)
         try:
-            return self._prepare(path, container, stream)[1]
+            idx, info, rot = self._prepare(path, container, stream, rotation=True, use_cache=use_cache)
+            return self._rotated(info, rot)
         finally:
             container.close()
 
     def read(self, msg: dict, memfd: int | None) -> dict:
-        import copy
-
         import av
 
         path = msg["path"]
         t0 = time.perf_counter()
         container, stream = self._open(path, max(1, int(msg.get("threads") or 1)))
         try:
-            idx, info, rot = self._prepare(path, container, stream)
-            info = copy.deepcopy(info)
-            req = _clamp(np.asarray(msg["indices"], dtype=np.int64), info.num_frames)
+            size = msg.get("size")
+            req = np.asarray(msg["indices"], dtype=np.int64)
+            entry = self._prepare(path, container, stream, rotation=len(req) == 0 and not size,
+                                  use_cache=msg.get("cache", True))
+            idx, base, rot = entry
+            info = self._rotated(base, rot)
+            req = _clamp(req, info.num_frames)
             if len(req) == 0:
-                out = _Out(0, *(msg.get("size") or (info.height, info.width)), memfd)
+                out = _Out(0, memfd, *(size or (info.height, info.width)))
                 return {"ok": True, "info": asdict(info), "indices": [], "timestamps": [], "shape": out.shape,
                         "decoder": "pyav", "strategy": msg["strategy"], "stats": {}, "array": out.array}
             wanted = np.unique(req)
             strategy = msg["strategy"] if msg["strategy"] != "get_batch" else "seek"
             if not idx.ordered:
                 strategy = "sequential"
-            size = msg.get("size")
-            h, w = (size if size else (info.height, info.width))
-            conv = _Converter(h, w, resize=bool(size), rot_k=rot)
-            out = _Out(len(req), h, w, memfd)
+            conv = _Converter(size, (base.height, base.width), rot_k=rot)
+            out = _Out(len(req), memfd)
             positions: dict[int, list[int]] = {}
             for i, r in enumerate(req.tolist()):
                 positions.setdefault(r, []).append(i)
-            stats = {"distinct": int(len(wanted)), "decoded": 0, "converted": 0, "seeks": 0}
+            stats = {"distinct": int(len(wanted)), "packets": 0, "decoded": 0, "converted": 0, "seeks": 0,
+                     "drains": 0}
             segments = plan_segments(wanted.tolist(), info.keyframes, strategy)
             stats["segments"] = len(segments)
             got = self._run_plan(container, stream, idx, wanted, segments, conv, out, positions, stats)
+            if rot is None and conv.rot is not None:  # learned from the first decoded frame
+                entry[2] = rot = conv.rot
+                info = self._rotated(base, rot)
             used = {t: t for t in got}
             missing = [int(t) for t in wanted.tolist() if int(t) not in got]
             if missing:  # undecodable frames (or an inexact seek): a careful pass, substitutes for the rest
@@ -974,25 +1004,56 @@ class _PyAVEngine:
 
     # -- decoding
     def _run_plan(self, container, stream, idx, wanted, segments, conv, out, positions, stats) -> set:
-        """Execute the plan; returns the wanted frames that were decoded."""
+        """Execute the plan; returns the wanted frames that were decoded.
+
+        Packets of frames nobody wants are sent with skip_frame=NONREF (a non-reference frame is then not
+        decoded at all). When every wanted packet of a segment is in the decoder and the next segment
+        starts with a seek (or there is none), the decoder is drained instead of fed further packets."""
         import av
 
         cc = stream.codec_context
+        ordered = idx.ordered
         remaining = set(int(t) for t in wanted.tolist())
-        wanted_pts = {int(idx.pts[t]) for t in remaining} if idx.ordered else set()
+        wanted_pts = {int(idx.pts[t]) for t in remaining} if ordered else set()
         got: set[int] = set()
         demux = None
         started = False
         count = -1  # output counter (streams without usable timestamps only)
+        mode = "DEFAULT"
         kf = np.asarray(sorted(set([0] + [int(k) for k in idx.keyframes])), dtype=np.int64)
-        for seek_kf, frames in segments:
+        rank = idx.rank
+
+        def take(frames) -> bool:
+            """Handle decoded frames; True once the segment's last wanted frame has gone by."""
+            nonlocal count
+            passed = False
+            for fr in frames:
+                stats["decoded"] += 1
+                if ordered:
+                    r = rank.get(fr.pts)
+                else:
+                    count += 1
+                    r = count
+                if r is None or fr.is_corrupt:  # concealed garbage is not a frame of the video
+                    continue
+                if r in remaining:
+                    conv.write(fr, r, out, positions)
+                    stats["converted"] += 1
+                    remaining.discard(r)
+                    need.discard(r)
+                    got.add(r)
+                if r >= last:
+                    passed = True
+            return passed
+
+        for si, (seek_kf, frames) in enumerate(segments):
             need = set(frames) & remaining
             if not need:
                 continue
-            if demux is None and started and seek_kf is None:  # the previous segment ran into the end
+            if demux is None and started and seek_kf is None:  # the previous segment ended the stream
                 seek_kf = int(kf[np.searchsorted(kf, min(need), side="right") - 1])
             if seek_kf is not None and (started or seek_kf > 0):
-                if seek_kf > 0 and idx.ordered:
+                if seek_kf > 0 and ordered:
                     container.seek(int(idx.pts[seek_kf]), stream=stream, backward=True)
                 else:
                     self._rewind(container, stream)
@@ -1003,36 +1064,35 @@ class _PyAVEngine:
                 demux = container.demux(stream)
             started = True
             last = max(need)
-            done = False
+            unsent = {int(idx.pts[t]) for t in need} if ordered else set()
+            may_drain = ordered and (si + 1 == len(segments) or segments[si + 1][0] is not None)
             for pkt in demux:
-                if idx.ordered:
-                    cc.skip_frame = "DEFAULT" if (pkt.size == 0 or pkt.pts in wanted_pts) else "NONREF"
+                if ordered:
+                    p = pkt.pts
+                    want = pkt.size == 0 or p in wanted_pts
+                    if want != (mode == "DEFAULT"):
+                        mode = "DEFAULT" if want else "NONREF"
+                        cc.skip_frame = mode
+                    stats["packets"] += 1
+                    unsent.discard(p)
                 try:
                     decoded = cc.decode(pkt)
                 except av.error.FFmpegError:
                     continue  # a corrupt packet: its frame is lost (a later keyframe recovers)
-                for fr in decoded:
-                    stats["decoded"] += 1
-                    if idx.ordered:
-                        r = idx.rank.get(fr.pts)
-                    else:
-                        count += 1
-                        r = count
-                    if r is None or fr.is_corrupt:  # concealed garbage is not a frame of the video
-                        continue
-                    if r in remaining:
-                        conv.write(fr, r, out, positions)
-                        stats["converted"] += 1
-                        remaining.discard(r)
-                        need.discard(r)
-                        got.add(r)
-                    if r >= last:
-                        done = True
-                if done or not need:
+                if take(decoded) or not need:
+                    break
+                if may_drain and not unsent:
+                    try:
+                        take(cc.decode(None))  # all wanted packets are in: drain, feed nothing more
+                    except av.error.FFmpegError:
+                        pass
+                    stats["drains"] += 1
+                    demux = None
                     break
             else:
                 demux = None  # end of file (the decoder was drained by the flush packet)
-        cc.skip_frame = "DEFAULT"
+        if mode != "DEFAULT":
+            cc.skip_frame = "DEFAULT"
         return got
 
     def _recover(self, container, stream, idx, missing, conv, out, positions, stats) -> dict:
@@ -1098,14 +1158,28 @@ def _rotation_k(frame) -> int:
 
 
 class _Converter:
-    """Decoded frame -> RGB at the output size, the way decord does it (see the module doc)."""
+    """Decoded frame -> RGB at the output size, the way decord does it (see the module doc).
 
-    def __init__(self, h: int, w: int, resize: bool, rot_k: int = 0):
-        self.h, self.w = h, w
-        self.resize = resize
-        self.rot = rot_k
+    ``size`` None keeps the coded size (after rotation); the rotation comes from the first frame when not
+    given."""
+
+    def __init__(self, size, coded_hw: tuple[int, int], rot_k: int | None = None):
+        self.size = tuple(size) if size else None
+        self.coded_hw = coded_hw
+        self.rot = None
+        self.h = self.w = None
         self.graph = None
         self.key = None
+        if rot_k is not None:
+            self._set_rotation(rot_k)
+
+    def _set_rotation(self, k: int) -> None:
+        self.rot = k
+        if self.size:
+            self.h, self.w = self.size
+        else:
+            h, w = self.coded_hw
+            self.h, self.w = (w, h) if k % 2 else (h, w)
 
     def _build(self, frame):
         from av.filter import Graph
@@ -1130,7 +1204,9 @@ class _Converter:
         self.key = (frame.width, frame.height, frame.format.name)
 
     def rgb(self, frame) -> np.ndarray:
-        if not self.resize and not self.rot and frame.width == self.w and frame.height == self.h:
+        if self.rot is None:
+            self._set_rotation(_rotation_k(frame))
+        if not self.size and not self.rot and frame.width == self.w and frame.height == self.h:
             return frame.to_ndarray(format="rgb24")  # identical to the scale+format graph at the same size
         if self.graph is None or self.key != (frame.width, frame.height, frame.format.name):
             self._build(frame)
@@ -1139,6 +1215,7 @@ class _Converter:
 
     def write(self, frame, r: int, out: _Out, positions: dict) -> None:
         img = self.rgb(frame)
+        out.ensure(img.shape[0], img.shape[1])
         for p in positions.get(r, ()):
             out.array[p] = img
 
@@ -1213,7 +1290,7 @@ class _DecordEngine:
             raise DecodeError("decode_error", path, f"decord: {str(e).splitlines()[0][:300]}") from None
         info = self._info(vr, w, h)
         oh, ow = (size if size else (h, w))
-        out = _Out(len(req), oh, ow, memfd)
+        out = _Out(len(req), memfd, oh, ow)
         tmap = {int(t): float(x) for t, x in zip(wanted.tolist(), ts)}
         for i, r in enumerate(req.tolist()):
             out.array[i] = frames[r]
