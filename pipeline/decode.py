@@ -48,9 +48,11 @@ All decoding runs in a **watchdog worker**: a separate process (``subprocess`` r
 threads and Jupyter). Workers are kept warm in a small per-process pool and reused; a request that
 exceeds ``timeout_s`` gets its worker killed (SIGKILL) and raises ``DecodeError('timeout')``; a worker
 that dies (a crash in native code) is replaced and the request is retried with the other engine.
-Frames come back through an anonymous shared-memory file (``memfd``) that the parent creates and passes
-over a Unix socket: the worker writes each frame straight into it and the parent maps it, so the frame
-array of the result is backed by that memory without any copy. A worker exits when its parent goes away.
+Frames come back through an anonymous shared-memory file (``memfd``) per worker, inherited at start and
+reused from request to request: the worker writes each converted frame straight into it (in requested
+order) and the parent copies the block out once (a fresh shared mapping per request costs more in page
+faults than that copy). Requests and replies are small pickles on a Unix socket pair. A worker exits
+when its parent goes away.
 
 ``timeout_s=None`` decodes in the calling process without a watchdog (trusted files only).
 
@@ -95,6 +97,8 @@ SEEK_GAP = 4
 DEFAULT_THREADS = 1
 #: a warm worker is replaced after this many requests (bounds leaks in native code)
 WORKER_MAX_REQUESTS = 200
+#: a frame arena larger than this is given back after each request
+ARENA_KEEP_BYTES = 256 << 20
 #: at most this many idle workers are kept per process
 POOL_MAX_IDLE = 4
 
@@ -370,14 +374,19 @@ class _Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = parent
         self.log = tempfile.TemporaryFile(mode="a+b")
+        # frames come back through this shared-memory file, reused (and grown) from request to request
+        self.arena = _new_memfd()
+        self._map = None
         boot = ("import importlib.util as u, sys; s = u.spec_from_file_location('_malmm_decode_worker', sys.argv[1]); "
                 "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); "
-                "m._worker_main(int(sys.argv[2]), int(sys.argv[3]))")
+                "m._worker_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))")
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
+        fds = (child.fileno(),) + ((self.arena,) if self.arena is not None else ())
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", boot, os.path.abspath(__file__), str(child.fileno()), str(os.getpid())],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log,
+            [sys.executable, "-c", boot, os.path.abspath(__file__), str(child.fileno()), str(os.getpid()),
+             str(self.arena if self.arena is not None else -1)],
+            pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log,
             env=env, close_fds=True)
         child.close()
         self.requests = 0
@@ -419,6 +428,42 @@ class _Worker:
                 f.close()
             except OSError:
                 pass
+        self._unmap()
+        if self.arena is not None:
+            try:
+                os.close(self.arena)
+            except OSError:
+                pass
+            self.arena = None
+
+    def _unmap(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except (BufferError, ValueError):
+                pass
+            self._map = None
+
+    def take_frames(self, reply: dict) -> np.ndarray:
+        """Copy the frames of ``reply`` out of the arena (which the next request overwrites)."""
+        shape = tuple(reply["shape"])
+        nbytes = int(np.prod(shape))
+        if reply.get("inline") is not None:
+            return np.frombuffer(bytearray(reply.pop("inline")), dtype=np.uint8).reshape(shape)
+        out = np.empty(shape, np.uint8)
+        if nbytes == 0:
+            return out
+        size = os.fstat(self.arena).st_size
+        if self._map is None or len(self._map) != size:
+            self._unmap()
+            self._map = mmap.mmap(self.arena, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        src = np.frombuffer(self._map, dtype=np.uint8, count=nbytes)
+        np.copyto(out.reshape(-1), src)
+        del src
+        if size > ARENA_KEEP_BYTES:  # give a huge arena back (the worker maps it afresh next time)
+            self._unmap()
+            os.ftruncate(self.arena, 0)
+        return out
 
     def log_tail(self, n: int = 600) -> str:
         try:
@@ -429,7 +474,7 @@ class _Worker:
         except (OSError, ValueError):
             return ""
 
-    def request(self, msg: dict, deadline: float, memfd: int | None) -> dict:
+    def request(self, msg: dict, deadline: float) -> dict:
         self.requests += 1
         try:
             self.log.truncate(0)
@@ -438,10 +483,6 @@ class _Worker:
         payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         self.sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            if memfd is not None:
-                socket.send_fds(self.sock, [b"F"], [memfd])
-            else:
-                self.sock.sendall(b"N")
             self.sock.sendall(struct.pack("!Q", len(payload)) + payload)
             return pickle.loads(_recv_msg(self.sock, deadline))
         except (socket.timeout, TimeoutError):
@@ -528,26 +569,26 @@ class _Pool:
     def run(self, msg: dict, deadline: float, want_frames: bool) -> dict:
         if time.monotonic() >= deadline:
             raise DecodeError("timeout", msg["path"], "no time left for decoding")
-        memfd = _new_memfd() if want_frames else None
         w = self.acquire()
         _LAST_WORKER["pid"] = w.pid
         try:
-            try:
-                reply = w.request(dict(msg, inline=want_frames and memfd is None), deadline, memfd)
-            except (socket.timeout, TimeoutError):
-                w.kill()
-                raise DecodeError("timeout", msg["path"], "decoding did not finish in time; the decoder process "
-                                  "was killed") from None
-            except _WorkerDied:
-                w.kill()
-                raise
-            self.release(w)
+            reply = w.request(dict(msg, inline=w.arena is None), deadline)
+        except (socket.timeout, TimeoutError):
+            w.kill()
+            raise DecodeError("timeout", msg["path"], "decoding did not finish in time; the decoder process "
+                              "was killed") from None
+        except _WorkerDied:
+            w.kill()
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt while waiting: the worker state is unknown
+            w.kill()
+            raise
+        try:
             if reply.get("ok") and want_frames:
-                reply["frames"] = _frames_from_reply(reply, memfd)
-            return reply
+                reply["frames"] = w.take_frames(reply)
         finally:
-            if memfd is not None:
-                os.close(memfd)
+            self.release(w)
+        return reply
 
 
 _POOL = _Pool()
@@ -564,20 +605,9 @@ def _new_memfd() -> int | None:
     return None
 
 
-def _frames_from_reply(reply: dict, memfd: int | None) -> np.ndarray:
-    shape = tuple(reply["shape"])
-    nbytes = int(np.prod(shape))
-    if reply.get("inline") is not None:
-        return np.frombuffer(bytearray(reply.pop("inline")), dtype=np.uint8).reshape(shape)
-    if nbytes == 0:
-        return np.zeros(shape, np.uint8)
-    mm = mmap.mmap(memfd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    return np.frombuffer(mm, dtype=np.uint8).reshape(shape)  # the array keeps the mapping alive
-
-
 # ============================================================================ worker side
 
-def _worker_main(fd: int, parent_pid: int) -> None:
+def _worker_main(fd: int, parent_pid: int, arena_fd: int = -1) -> None:
     """Serve requests from the parent until it closes the socket (or goes away)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which kills us if needed
     sock = socket.socket(fileno=fd)
@@ -594,21 +624,13 @@ def _worker_main(fd: int, parent_pid: int) -> None:
         av.logging.set_level(av.logging.ERROR)
     except Exception:
         pass
+    arena = _Arena(arena_fd) if arena_fd >= 0 else None
     while True:
-        try:
-            kind, fds, _, _ = socket.recv_fds(sock, 1, 1)
-        except OSError:
-            os._exit(0)
-        if not kind:
-            os._exit(0)
-        memfd = fds[0] if fds else None
         try:
             msg = pickle.loads(_recv_msg(sock, None))
         except (EOFError, OSError):
             os._exit(0)
-        reply = _handle(msg, memfd)
-        if memfd is not None:
-            os.close(memfd)
+        reply = _handle(msg, arena)
         if "array" in reply:
             arr = reply.pop("array")
             if msg.get("inline"):
@@ -631,13 +653,37 @@ def _apply_hooks(hooks: dict, engine: str) -> None:
         raise RuntimeError(f"simulated {engine} failure (test hook)")
 
 
+class _Arena:
+    """The worker's side of the shared frame buffer: grown when a request needs more, mapped once."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.mm = None
+
+    def array(self, shape: tuple) -> np.ndarray:
+        nbytes = int(np.prod(shape))
+        size = os.fstat(self.fd).st_size
+        if size < nbytes:
+            os.ftruncate(self.fd, nbytes)
+            size = nbytes
+        if self.mm is None or len(self.mm) != size:
+            old, self.mm = self.mm, None
+            if old is not None:
+                try:
+                    old.close()
+                except BufferError:
+                    pass
+            self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return np.frombuffer(self.mm, dtype=np.uint8, count=nbytes).reshape(shape)
+
+
 class _Out:
-    """Output frames [N, H, W, 3] in requested order: in the memfd mapping, or a plain array (allocated
+    """Output frames [N, H, W, 3] in requested order: in the shared arena, or a plain array (allocated
     when the output size is known: at once, or at the first converted frame)."""
 
-    def __init__(self, n: int, memfd: int | None, h: int | None = None, w: int | None = None):
+    def __init__(self, n: int, arena: "_Arena | None", h: int | None = None, w: int | None = None):
         self.n = n
-        self.memfd = memfd
+        self.arena = arena
         self.array = None
         self.shape = None
         if h is not None:
@@ -647,16 +693,13 @@ class _Out:
         if self.array is not None:
             return
         self.shape = (self.n, int(h), int(w), 3)
-        nbytes = self.n * int(h) * int(w) * 3
-        if self.memfd is not None and nbytes > 0:
-            os.ftruncate(self.memfd, nbytes)
-            mm = mmap.mmap(self.memfd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self.array = np.frombuffer(mm, dtype=np.uint8).reshape(self.shape)
+        if self.arena is not None and self.n * int(h) * int(w) > 0:
+            self.array = self.arena.array(self.shape)
         else:
             self.array = np.empty(self.shape, np.uint8)
 
 
-def _handle(msg: dict, memfd: int | None) -> dict:
+def _handle(msg: dict, arena: "_Arena | None") -> dict:
     """Serve one request with engine fallback; never raises."""
     path = msg["path"]
     engines = msg.get("engines") or ["pyav", "decord"]
@@ -669,7 +712,7 @@ def _handle(msg: dict, memfd: int | None) -> dict:
                 info = (_ENGINES[engine].probe(path, use_cache=msg.get("cache", True)) if engine == "pyav"
                         else _ENGINES[engine].probe(path))
                 return {"ok": True, "info": asdict(info)}
-            return _ENGINES[engine].read(msg, memfd)
+            return _ENGINES[engine].read(msg, arena)
         except DecodeError as e:
             errors.append(e)
             if e.reason != "decode_error":
@@ -809,6 +852,7 @@ class _PyAVEngine:
                     raise DecodeError("frame_count_mismatch", path,
                                       f"the header declares {idx.declared} frames but none can be decoded")
                 raise DecodeError("zero_frames", path, "the video stream holds no frame")
+            self._rewind(container, stream)  # indexing read the whole file
             hit = [idx, self._info(stream, idx, num, notes), None]
             if use_cache:
                 if len(self._cache) >= 8:
@@ -936,7 +980,7 @@ class _PyAVEngine:
         finally:
             container.close()
 
-    def read(self, msg: dict, memfd: int | None) -> dict:
+    def read(self, msg: dict, arena: "_Arena | None") -> dict:
         import av
 
         path = msg["path"]
@@ -951,7 +995,7 @@ class _PyAVEngine:
             info = self._rotated(base, rot)
             req = _clamp(req, info.num_frames)
             if len(req) == 0:
-                out = _Out(0, memfd, *(size or (info.height, info.width)))
+                out = _Out(0, arena, *(size or (info.height, info.width)))
                 return {"ok": True, "info": asdict(info), "indices": [], "timestamps": [], "shape": out.shape,
                         "decoder": "pyav", "strategy": msg["strategy"], "stats": {}, "array": out.array}
             wanted = np.unique(req)
@@ -959,7 +1003,7 @@ class _PyAVEngine:
             if not idx.ordered:
                 strategy = "sequential"
             conv = _Converter(size, (base.height, base.width), rot_k=rot)
-            out = _Out(len(req), memfd)
+            out = _Out(len(req), arena)
             positions: dict[int, list[int]] = {}
             for i, r in enumerate(req.tolist()):
                 positions.setdefault(r, []).append(i)
@@ -1256,7 +1300,7 @@ class _DecordEngine:
             raise DecodeError("decode_error", path, f"decord: {str(e).splitlines()[0][:300]}") from None
         return self._info(vr, w, h)
 
-    def read(self, msg: dict, memfd: int | None) -> dict:
+    def read(self, msg: dict, arena: "_Arena | None") -> dict:
         path = msg["path"]
         t0 = time.perf_counter()
         size = msg.get("size")
@@ -1290,7 +1334,7 @@ class _DecordEngine:
             raise DecodeError("decode_error", path, f"decord: {str(e).splitlines()[0][:300]}") from None
         info = self._info(vr, w, h)
         oh, ow = (size if size else (h, w))
-        out = _Out(len(req), memfd, oh, ow)
+        out = _Out(len(req), arena, oh, ow)
         tmap = {int(t): float(x) for t, x in zip(wanted.tolist(), ts)}
         for i, r in enumerate(req.tolist()):
             out.array[i] = frames[r]
