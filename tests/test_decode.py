@@ -121,6 +121,18 @@ def test_more_decoder_threads_same_frames(videos):
     assert np.array_equal(a.frames, b.frames)
 
 
+@pytest.mark.parametrize("cache", ["0", "1"])
+def test_healthy_video_needs_no_recovery_pass(videos, monkeypatch, cache):
+    """Every frame comes from the planned pass (the careful fallback pass is for damaged files)."""
+    monkeypatch.setenv("MALMM_DECODE_INDEX_CACHE", cache)
+    for name in ("short_gop", "long_gop"):
+        for s in ("auto", "seek", "sequential"):
+            for timeout in (None, 60):
+                r = read_frames(videos[name], [0, 1, 50, 120, 121], strategy=s, timeout_s=timeout)
+                assert "recovery_pass" not in r.stats, (name, s, r.stats)
+                assert codes(r.frames) == [0, 1, 50, 120, 121]
+
+
 def test_auto_skips_whole_gops_and_sequential_does_not(videos):
     path = videos["short_gop"]
     idx = [5, 75, 145]
