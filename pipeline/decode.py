@@ -17,9 +17,16 @@ conversion; a test checks it):
   starting with a seek to the keyframe before its first wanted frame. While decoding forward, packets
   whose frame is not wanted are decoded with ``skip_frame=NONREF``: a non-reference frame that nobody
   wants is never decoded at all (nothing depends on it), which removes roughly half of the B-frames
-  from the work. Only wanted frames are converted to RGB.
+  from the work. When every wanted packet of a segment has been sent and the next segment seeks, the decoder is
+  drained rather than fed the packets that follow. Only wanted frames are converted to RGB.
 * ``decord``: ``VideoReader`` (FFmpeg 4.1 inside decord); used as the fallback when PyAV cannot open or
-  decode a file, and for ``strategy='get_batch'``.
+  decode a file (or its worker crashes), and for ``strategy='get_batch'`` (which tries decord first
+  whatever ``decoder`` says).
+
+Why PyAV first: measured on this project's benchmark (``tests/perf/bench_decode.py``), the PyAV plan
+executor beats decord's ``get_batch`` on every sampling and GOP (decord cannot skip non-reference
+frames, restarts its decoding thread on every seek, and runs an older FFmpeg), it reports damaged data
+as Python exceptions instead of hanging, and its output is the same bytes.
 
 Strategies (``read_frames(strategy=...)``) choose the plan:
 
@@ -63,8 +70,16 @@ the file; when the header declares more frames than the index holds, or packets 
 decoded to find the last decodable frame. Requested indices are clamped to ``[0, num_frames - 1]``;
 a requested frame that turns out not to decode (corrupt data) is replaced by the nearest decodable frame
 before it (after it when there is none before), and ``DecodedFrames.indices`` says which frames were
-used. A file whose header declares frames of which none decodes raises ``frame_count_mismatch``; one
-that declares none and has none raises ``zero_frames``.
+used. Frames the decoder outputs with the "corrupt" flag (error concealment) count as not decodable,
+so every strategy returns the same pictures for a damaged file. A file whose header declares frames of
+which none decodes raises ``frame_count_mismatch``; one that declares none and has none raises
+``zero_frames``.
+
+Error reasons: ``missing`` (no such path), ``empty`` (0 bytes), ``not_video`` (not a media file FFmpeg
+recognises, no video stream, or a still image / text format), ``truncated`` (an MP4 whose boxes run
+past the end of the file or that lacks its index), ``zero_frames``, ``frame_count_mismatch``,
+``timeout`` (the watchdog killed the decoder; final, no fallback: ``timeout_s`` covers the whole call),
+``decode_error`` (anything else, e.g. both engines failed or crashed).
 """
 from __future__ import annotations
 
@@ -102,7 +117,9 @@ ARENA_KEEP_BYTES = 256 << 20
 #: at most this many idle workers are kept per process
 POOL_MAX_IDLE = 4
 
-_IMAGE_FORMATS = ("image2", "tty", "gif", "apng", "webp_pipe")  # containers that are pictures/text, not videos
+# demuxers that read a still picture or text, not a video ("*_pipe" are single-image demuxers too);
+# animated GIF/APNG/WebP are left as videos
+_IMAGE_FORMATS = ("image2", "tty")
 
 
 # ============================================================================ public types
@@ -569,7 +586,10 @@ class _Pool:
     def run(self, msg: dict, deadline: float, want_frames: bool) -> dict:
         if time.monotonic() >= deadline:
             raise DecodeError("timeout", msg["path"], "no time left for decoding")
-        w = self.acquire()
+        try:
+            w = self.acquire()
+        except OSError as e:
+            raise DecodeError("decode_error", msg["path"], f"cannot start a decoder process: {e}") from None
         _LAST_WORKER["pid"] = w.pid
         try:
             reply = w.request(dict(msg, inline=w.arena is None), deadline)

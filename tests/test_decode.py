@@ -111,6 +111,23 @@ def test_pyav_and_decord_engines_are_bit_identical(videos):
         b = read_frames(path, idx, size=size, decoder="decord")
         assert (a.decoder, b.decoder) == ("pyav", "decord")
         assert np.array_equal(a.frames, b.frames), size
+    c = read_frames(path, idx, decoder="decord", strategy="sequential")
+    assert (c.decoder, c.strategy) == ("decord", "sequential")
+    assert np.array_equal(c.frames, read_frames(path, idx).frames)
+
+
+def test_corpus_covers_every_failure_reason(corpus):
+    reasons = {r for _, r in corpus.values()}
+    assert set(D.REASONS) - reasons == {"timeout", "decode_error"}  # those two come from the watchdog tests
+
+
+def test_raw_h264_without_timestamps(tmp_path):
+    """An elementary stream has no timestamps: frames are counted in output order, never sought."""
+    path = make_video(tmp_path / "raw.h264", 60, 30, SIZE, gop=20, container="h264")
+    assert probe(path).num_frames == 60
+    for s in ("auto", "seek", "sequential"):
+        r = read_frames(path, [59, 0, 25, 25, 40], strategy=s)
+        assert r.strategy == "sequential" and codes(r.frames) == [59, 0, 25, 25, 40]
 
 
 def test_more_decoder_threads_same_frames(videos):
@@ -189,8 +206,8 @@ def test_in_process_mode_matches_watchdog(videos):
 # ----------------------------------------------------------------------------- broken files
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", ["missing", "empty", "text_as_mp4", "audio_only", "truncated", "zero_frames",
-                                  "lying_header", "lying_header_empty", "mkv_as_mp4"])
+@pytest.mark.parametrize("name", ["missing", "empty", "text_as_mp4", "audio_only", "image_as_mp4", "truncated",
+                                  "zero_frames", "lying_header", "lying_header_empty", "mkv_as_mp4"])
 def test_fault_corpus(corpus, name):
     path, expected = corpus[name]
     t0 = time.monotonic()

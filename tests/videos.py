@@ -179,6 +179,27 @@ def make_audio_only(path, seconds: float = 1.0, rate: int = 16000) -> Path:
     return path
 
 
+def make_png(path, size: tuple[int, int] = (48, 64)) -> Path:
+    """A single PNG picture (written at ``path`` whatever its suffix)."""
+    import av
+
+    path = Path(path)
+    out = av.open(str(path), mode="w", format="image2pipe")
+    try:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height = size[1], size[0]
+        stream.pix_fmt = "rgb24"
+        frame = av.VideoFrame.from_ndarray(render_frame(0, size[0], size[1]), format="rgb24")
+        frame.pts = 0
+        for pkt in stream.encode(frame):
+            out.mux(pkt)
+        for pkt in stream.encode(None):
+            out.mux(pkt)
+    finally:
+        out.close()
+    return path
+
+
 def _mp4_boxes(data: bytes) -> list[tuple[str, int, int]]:
     """Top-level ISO-BMFF boxes of ``data`` as (type, offset, size)."""
     boxes, off = [], 0
@@ -211,6 +232,7 @@ def make_fault_corpus(directory, *, size: tuple[int, int] = (96, 128)) -> dict[s
     * ``empty``              — 0 bytes                                               → empty
     * ``text_as_mp4``        — a text file named .mp4                                → not_video
     * ``audio_only``         — a valid WAV file named .mp4 (no video stream)         → not_video
+    * ``image_as_mp4``       — a PNG picture named .mp4                              → not_video
     * ``truncated``          — an mp4 (index at the end) cut in the middle of mdat   → truncated
     * ``zero_frames``        — an AVI with a video stream and no frames              → zero_frames
     * ``lying_header``       — faststart mp4 (index first) with mdat cut at 60 %:
@@ -235,6 +257,9 @@ def make_fault_corpus(directory, *, size: tuple[int, int] = (96, 128)) -> dict[s
 
     p = make_audio_only(d / "audio_only.mp4")
     out["audio_only"] = (p, "not_video")
+
+    p = make_png(d / "image_as_mp4.mp4")
+    out["image_as_mp4"] = (p, "not_video")
 
     full = make_video(d / "_full.mp4", 90, 30, size, gop=30, seed=1)
     data = full.read_bytes()
