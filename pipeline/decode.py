@@ -639,10 +639,12 @@ def _worker_main(fd: int, parent_pid: int, arena_fd: int = -1) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    try:
-        import av  # noqa: F401  (warm imports before the first request)
+    try:  # warm imports before the first request
+        import av
+        import av.filter  # noqa: F401
+        import av.video.reformatter  # noqa: F401
         av.logging.set_level(av.logging.ERROR)
-    except Exception:
+    except Exception:  # noqa: BLE001  (a broken PyAV shows up as a decode error later, with fallback)
         pass
     arena = _Arena(arena_fd) if arena_fd >= 0 else None
     while True:
@@ -1365,8 +1367,8 @@ class _DecordEngine:
         for i, r in enumerate(req.tolist()):
             out.array[i] = frames[r]
         stats = {"distinct": int(len(wanted)), "converted": int(len(wanted)), "decode_s": time.perf_counter() - t0}
-        return {"ok": True, "info": asdict(info), "indices": req.tolist(), "timestamps": [tmap[r] for r in req.tolist()],
-                "shape": out.shape, "decoder": "decord",
+        return {"ok": True, "info": asdict(info), "indices": req.tolist(),
+                "timestamps": [tmap[r] for r in req.tolist()], "shape": out.shape, "decoder": "decord",
                 "strategy": "sequential" if msg["strategy"] == "sequential" else "get_batch", "stats": stats,
                 "array": out.array}
 
