@@ -1,0 +1,28 @@
+"""The MA-LMM model (DESIGN §2-3).
+
+* :mod:`pipeline.model.modeling_malmm` – ``MALMMConfig``, ``MemoryQFormer``, ``MALMM`` (one readable file);
+* :mod:`pipeline.model.memory` – memory banks, ``compress`` (memory bank compression), ``MemoryState``;
+* :mod:`pipeline.model.checkpoint` – ``load_malmm``, ``load_vision_model``, ``save_checkpoint``,
+  ``load_checkpoint``, ``lavis_to_hf_keys``;
+* :mod:`pipeline.model.tiny` – ``build_tiny_instructblip``, the embedded default model.
+
+The names are re-exported lazily, so ``import pipeline.model`` does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MALMMConfig": "modeling_malmm", "MALMM": "modeling_malmm", "MemoryQFormer": "modeling_malmm",
+    "MemoryState": "memory", "compress": "memory",
+    "load_malmm": "checkpoint", "load_vision_model": "checkpoint", "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint", "lavis_to_hf_keys": "checkpoint",
+    "build_tiny_instructblip": "tiny",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,413 @@
+"""Loading and saving MA-LMM weights.
+
+Three sources of weights (DESIGN §2):
+
+* a Hugging Face InstructBLIP directory (``InstructBlipForConditionalGeneration.save_pretrained``
+  plus ``InstructBlipProcessor.save_pretrained``: LLM tokenizer in the root, Q-Former tokenizer in
+  ``qformer_tokenizer/``) – the base model: Q-Former, learned queries, projection, vision layer
+  norm and the frozen LLM (:func:`load_malmm`), or the frozen ViT (:func:`load_vision_model`);
+* our checkpoints: ``trainable.safetensors`` (trainable tensors only) + ``malmm_config.json``
+  (:func:`save_checkpoint` / :func:`load_checkpoint`);
+* released MA-LMM / LAVIS checkpoints (``.pth`` pickles holding ``{"model": state_dict}`` with
+  LAVIS names), through the documented key mapping :func:`lavis_to_hf_keys`. Pickles can run code
+  when loaded, so they are refused unless the caller passes ``trust_pickle=True``.
+
+Tensors are read selectively with ``safetensors.safe_open``: loading MA-LMM from a 7B InstructBLIP
+checkpoint reads the Q-Former, the projection and the LLM, never the ViT body.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline.model.modeling_malmm import MALMM, MALMMConfig
+
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_CONFIG = "malmm_config.json"
+CHECKPOINT_FORMAT = "malmm-trainable/1"
+
+# Base-model tensors MA-LMM takes from an InstructBLIP checkpoint (HF names -> MALMM names).
+_BASE_PREFIXES = {
+    "qformer.": "qformer.",
+    "query_tokens": "query_tokens",
+    "language_projection.": "language_projection.",
+    "vision_model.post_layernorm.": "ln_vision.",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load reports and progress bars (unexpected keys are expected here)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _model_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a directory saved with save_pretrained")
+    return json.loads(path.read_text())
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it (safetensors, sharded or not; else PyTorch .bin shards)."""
+    model_dir = Path(model_dir)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = model_dir / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: model_dir / v for k, v in weight_map.items()}
+        if (model_dir / single).exists():
+            return {k: model_dir / single for k in _file_keys(model_dir / single)}
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+
+
+def _file_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path, map_location="meta", weights_only=True, mmap=True).keys())
+
+
+def read_tensors(model_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Read only the tensors whose names start with one of ``prefixes`` (safetensors: lazily, by name)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _weight_files(Path(model_dir)).items():
+        if name.startswith(prefixes):
+            by_file.setdefault(file, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for n in names:
+                    out[n] = f.get_tensor(n)
+        else:  # PyTorch shard: weights_only unpickling accepts tensors only
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            out.update({n: sd[n] for n in names})
+    return out
+
+
+def base_model_identity(model_dir: str | Path | None) -> dict:
+    """Cheap identity of a base model directory: name, config hash, weight file names and sizes."""
+    if model_dir is None:
+        return {}
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes() if (model_dir / "config.json").exists() else b"")
+    for p in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return {"name": model_dir.name, "sha256": h.hexdigest()[:16]}
+
+
+def _resolve_dtype(dtype, saved: str | None) -> torch.dtype:
+    """LLM dtype: explicit, else the checkpoint's half precision on a GPU machine, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        return getattr(torch, dtype)
+    if saved in ("float16", "bfloat16") and torch.cuda.is_available():
+        return getattr(torch, saved)
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- base models
+
+def load_vision_model(model_dir: str | Path, dtype: torch.dtype | None = None):
+    """The frozen ViT (``transformers.InstructBlipVisionModel``) of an InstructBLIP or vision-only directory.
+
+    ``InstructBlipVisionModel.from_pretrained(full_instructblip_dir)`` would silently keep random
+    weights (the checkpoint's names carry a ``vision_model.`` prefix); here the prefix is mapped
+    explicitly and any missing weight is an error.
+    """
+    from transformers import InstructBlipConfig, InstructBlipVisionModel
+
+    model_dir = Path(model_dir)
+    model_type = _model_config(model_dir).get("model_type")
+    kwargs = {"output_loading_info": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with _quiet_transformers():
+        if model_type == "instructblip":
+            vision_config = InstructBlipConfig.from_pretrained(model_dir).vision_config
+            model, info = InstructBlipVisionModel.from_pretrained(
+                model_dir, config=vision_config, key_mapping={r"^vision_model\.": ""}, **kwargs)
+        elif model_type == "instructblip_vision_model":
+            model, info = InstructBlipVisionModel.from_pretrained(model_dir, **kwargs)
+        else:
+            raise ValueError(f"{model_dir}: model_type {model_type!r} is neither 'instructblip' nor "
+                             f"'instructblip_vision_model'")
+    if info["missing_keys"]:
+        raise ValueError(f"{model_dir}: vision weights missing from the checkpoint: "
+                         f"{sorted(info['missing_keys'])[:8]} ...")
+    return model.eval()
+
+
+def _load_llm(model_dir: Path, text_config, dtype: torch.dtype):
+    """The frozen LLM (``AutoModelForCausalLM``) from the checkpoint's ``language_model.*`` tensors."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        llm, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, config=text_config, key_mapping={r"^language_model\.": ""}, dtype=dtype,
+            output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if not k.endswith("inv_freq")]
+    if missing:
+        raise ValueError(f"{model_dir}: LLM weights missing from the checkpoint: {sorted(missing)[:8]} ...")
+    return llm.eval()
+
+
+def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpoint: str | Path | None = None,
+               trust_pickle: bool = False, dtype: torch.dtype | str | None = None) -> MALMM:
+    """Build MA-LMM from an HF InstructBLIP directory, optionally applying a checkpoint.
+
+    Args:
+        model_dir: ``InstructBlipForConditionalGeneration.save_pretrained`` directory (safetensors,
+            possibly sharded), with its tokenizers as ``InstructBlipProcessor.save_pretrained`` saves them.
+        config: MA-LMM options (memory policy, L, max_frames, ...); default ``MALMMConfig()``.
+        checkpoint: our checkpoint directory / ``trainable.safetensors``, or a LAVIS ``.pth``.
+        trust_pickle: allow unpickling a ``.pth`` checkpoint (only for files you trust).
+        dtype: LLM dtype; default float32, or the checkpoint's half precision when CUDA is available.
+            Trainable parts stay float32.
+
+    Returns:
+        a :class:`MALMM` in eval mode on the CPU (``.to(device)`` it).
+    """
+    from transformers import AutoTokenizer, InstructBlipConfig
+
+    model_dir = Path(model_dir)
+    config = config or MALMMConfig()
+    raw = _model_config(model_dir)
+    if raw.get("model_type") != "instructblip":
+        raise ValueError(f"{model_dir}: model_type is {raw.get('model_type')!r}; load_malmm needs an InstructBLIP "
+                         f"directory saved with InstructBlipForConditionalGeneration.save_pretrained")
+    base = InstructBlipConfig.from_pretrained(model_dir)
+    if not base.use_decoder_only_language_model:
+        raise ValueError(f"{model_dir}: MA-LMM needs a decoder-only LLM (e.g. Vicuna), not an encoder-decoder")
+    saved_dtype = raw.get("text_config", {}).get("dtype") or raw.get("text_config", {}).get("torch_dtype")
+    llm = _load_llm(model_dir, base.text_config, _resolve_dtype(dtype, saved_dtype))
+    qformer_dir = model_dir / "qformer_tokenizer"
+    if not qformer_dir.exists():
+        raise FileNotFoundError(f"{model_dir}: no qformer_tokenizer/ (save the InstructBlipProcessor beside the model)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_dir)
+
+    model = MALMM(config, base, llm, tokenizer, qformer_tokenizer)
+    base_tensors = hf_to_malmm_keys(read_tensors(model_dir, tuple(_BASE_PREFIXES)))
+    expected = {n for n in model.state_dict() if not n.startswith(("llm.", "frame_position_embedding"))}
+    missing = sorted(expected - set(base_tensors))
+    if missing:
+        raise ValueError(f"{model_dir}: Q-Former / projection tensors missing: {missing[:8]}")
+    model.load_state_dict({k: v for k, v in base_tensors.items() if k in expected}, strict=False)
+    model.base_model_dir = str(model_dir.resolve())
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, trust_pickle=trust_pickle)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- key mappings
+
+def hf_to_malmm_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``InstructBlipForConditionalGeneration`` names -> :class:`MALMM` names.
+
+    ``qformer.*``, ``query_tokens``, ``language_projection.*`` are identical;
+    ``vision_model.post_layernorm.*`` -> ``ln_vision.*``; ``language_model.*`` -> ``llm.*``;
+    ``frame_position_embedding`` (MA-LMM's, absent from InstructBLIP) is kept. Other vision
+    tensors are dropped (the ViT body is not part of MALMM).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("vision_model.post_layernorm."):
+            out["ln_vision." + key[len("vision_model.post_layernorm."):]] = value
+        elif key.startswith("vision_model."):
+            continue
+        elif key.startswith("language_model."):
+            out["llm." + key[len("language_model."):]] = value
+        elif key == "qformer.embeddings.position_ids":
+            continue  # a buffer, rebuilt at construction
+        else:
+            out[key] = value
+    return out
+
+
+def lavis_to_hf_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAVIS / MA-LMM names -> HF InstructBLIP names (the rules of transformers' InstructBLIP converter).
+
+    ======================================================  ====================================================
+    LAVIS (``blip2_vicuna_instruct_malmm``)                   HF ``InstructBlipForConditionalGeneration``
+    ======================================================  ====================================================
+    ``Qformer.bert.embeddings.LayerNorm.*``                   ``qformer.embeddings.layernorm.*``
+    ``Qformer.bert.<rest>``                                   ``qformer.<rest>``
+    ``...attention.self.{query,key,value}``                   ``...attention.attention.{query,key,value}``
+    ``...crossattention.self.{query,key,value}``              ``...crossattention.attention.{query,key,value}``
+    ``query_tokens``                                          ``query_tokens``
+    ``llm_proj.*``                                            ``language_projection.*``
+    ``ln_vision.*``                                           ``vision_model.post_layernorm.*``
+    ``image_pe.weight`` (``nn.Embedding(120, 1408)``)          ``frame_position_embedding`` (MA-LMM's frame PE)
+    ``llm_model.*``                                           ``language_model.*``
+    ======================================================  ====================================================
+
+    Dropped: ``Qformer.cls.*`` (LM head unused by InstructBLIP) and the
+    ``Qformer.bert.embeddings.position_ids`` buffer. The LAVIS ViT (``visual_encoder.*``) is kept
+    under its own name and ignored by MALMM (the feature cache holds its outputs).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("Qformer.cls.") or key == "Qformer.bert.embeddings.position_ids":
+            continue
+        if key.startswith("Qformer.bert.embeddings.LayerNorm."):
+            key = "qformer.embeddings.layernorm." + key.rsplit(".", 1)[1]
+        elif key.startswith("Qformer.bert."):
+            key = "qformer." + key[len("Qformer.bert."):]
+            key = key.replace(".attention.self.", ".attention.attention.")
+            key = key.replace(".crossattention.self.", ".crossattention.attention.")
+        elif key.startswith("llm_proj."):
+            key = "language_projection." + key[len("llm_proj."):]
+        elif key.startswith("ln_vision."):
+            key = "vision_model.post_layernorm." + key[len("ln_vision."):]
+        elif key in ("image_pe.weight", "image_pe"):
+            key = "frame_position_embedding"
+        elif key.startswith("llm_model."):
+            key = "language_model." + key[len("llm_model."):]
+        out[key] = value
+    return out
+
+
+def _looks_lavis(keys) -> bool:
+    return any(k.startswith(("Qformer.", "llm_proj.", "image_pe", "ln_vision.")) for k in keys)
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+def save_checkpoint(model: MALMM, out_dir: str | Path) -> Path:
+    """Write ``trainable.safetensors`` (trainable tensors only) and ``malmm_config.json`` into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
+    tmp = out_dir / f".{CHECKPOINT_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "malmm_format": CHECKPOINT_FORMAT})
+    os.replace(tmp, out_dir / CHECKPOINT_WEIGHTS)
+    info = {"format": CHECKPOINT_FORMAT, "malmm": asdict(model.config), "base_model_dir": model.base_model_dir,
+            "base_model": base_model_identity(model.base_model_dir), "num_query_tokens": model.num_query_tokens,
+            "tensors": len(tensors)}
+    tmp = out_dir / f".{CHECKPOINT_CONFIG}.tmp"
+    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
+    os.replace(tmp, out_dir / CHECKPOINT_CONFIG)
+    return out_dir
+
+
+def read_checkpoint_config(checkpoint: str | Path) -> MALMMConfig | None:
+    """The :class:`MALMMConfig` recorded in one of our checkpoint directories (None for other formats)."""
+    path = Path(checkpoint)
+    path = path if path.is_dir() else path.parent
+    if not (path / CHECKPOINT_CONFIG).exists():
+        return None
+    return MALMMConfig(**json.loads((path / CHECKPOINT_CONFIG).read_text())["malmm"])
+
+
+def _read_pickle(path: Path, trust_pickle: bool) -> dict:
+    if not trust_pickle:
+        raise PermissionError(
+            f"refusing to unpickle {path}: pickle files can execute arbitrary code when loaded. Pass "
+            f"trust_pickle=True (CLI: --trust-pickle) only for a file from a source you trust, or convert it to "
+            f"safetensors first")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # e.g. LAVIS stores an OmegaConf config beside the weights
+        warnings.warn(f"{path}: weights-only unpickling failed ({type(e).__name__}); unpickling fully because "
+                      f"trust_pickle=True")
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
+    return obj
+
+
+def _fit_frame_table(table: torch.Tensor, rows: int, source: str) -> torch.Tensor:
+    """Adapt a frame position embedding table to ``max_frames`` rows (truncate, or pad with zeros)."""
+    if table.shape[0] == rows:
+        return table
+    if table.shape[0] > rows:
+        return table[:rows]
+    warnings.warn(f"{source}: frame position embedding has {table.shape[0]} rows but max_frames={rows}; "
+                  f"rows {table.shape[0]}.. start at zero")
+    return torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
+
+
+def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = False) -> dict[str, list[str]]:
+    """Apply a checkpoint to ``model`` in place; returns ``{"loaded": [...], "ignored": [...]}``.
+
+    Accepts our checkpoint directory (or its ``trainable.safetensors``), any safetensors file with
+    MALMM / HF / LAVIS names, and LAVIS ``.pth`` pickles (only with ``trust_pickle=True``; tried
+    with ``torch.load(weights_only=True)`` first). LLM tensors are never taken from a checkpoint.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / CHECKPOINT_WEIGHTS).exists():
+            raise FileNotFoundError(f"{path}: no {CHECKPOINT_WEIGHTS}")
+        path = path / CHECKPOINT_WEIGHTS
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:  # .pth / .pt / .bin ...: a pickle
+        state = _read_pickle(path, trust_pickle)
+    if _looks_lavis(state):
+        state = lavis_to_hf_keys(state)
+    state = hf_to_malmm_keys(state)
+
+    own = model.state_dict()
+    loadable, ignored = {}, []
+    for key, value in state.items():
+        if key.startswith("llm.") or key not in own:
+            ignored.append(key)
+            continue
+        if key == "frame_position_embedding":
+            value = _fit_frame_table(value, own[key].shape[0], str(path))
+        if value.shape != own[key].shape:
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(own[key].shape)} (a different base model or MALMMConfig?)")
+        loadable[key] = value
+    if not loadable:
+        raise ValueError(f"{path}: no tensor of the checkpoint matches MA-LMM ({len(state)} tensors, e.g. "
+                         f"{sorted(state)[:4]})")
+    trainable = {n for n, _ in model.named_trainable_parameters()}
+    missing = sorted(trainable - set(loadable))
+    if missing and path.name == CHECKPOINT_WEIGHTS:
+        raise ValueError(f"{path}: trainable tensors missing from the checkpoint: {missing[:8]}")
+    if missing:
+        warnings.warn(f"{path}: {len(missing)} trainable tensors not in the checkpoint keep the base model's values "
+                      f"(e.g. {missing[:4]})")
+    if ignored:
+        warnings.warn(f"{path}: ignored {len(ignored)} tensors that are not MA-LMM's trainable part "
+                      f"(e.g. {ignored[:4]})")
+    model.load_state_dict(loadable, strict=False)
+    return {"loaded": sorted(loadable), "ignored": sorted(ignored)}

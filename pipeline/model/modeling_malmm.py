@@ -1,0 +1,566 @@
+"""MA-LMM: the memory-augmented Q-Former and the frozen-LLM wrapper, in one file, top to bottom.
+
+He et al., "MA-LMM: Memory-Augmented Large Multimodal Model for Long-Term Video Understanding",
+CVPR 2024 (arXiv 2404.05726). The model reads a video **online**, one frame at a time (§3.1):
+
+    frame features f_t (cached ViT hidden states -> vision layer norm + frame position embedding)
+        -> Q-Former step t: every cross-attention layer attends to [visual memory bank ; f_t],
+           every self-attention layer attends to [its query memory bank ; current hidden states]
+        -> append f_t / the layer inputs to the banks, compress a bank that exceeds L slots (MBC)
+    after the last frame: the 32 query outputs -> language projection -> frozen LLM
+        [32 video tokens][prompt][answer + eos]
+
+Layout of this file:
+
+1. :class:`MALMMConfig` – the paper's options and ablations (memory policy, which banks, L, ...).
+2. The Q-Former (:class:`MemoryQFormer`) – a BERT-style encoder whose parameter names are exactly
+   those of ``transformers.InstructBlipQFormerModel``, so an InstructBLIP Q-Former state dict
+   loads without renaming; extended with the query memory bank in its self-attention.
+3. :class:`MALMM` – the trainable parts around the Q-Former (vision layer norm ``ln_vision``,
+   frame position embedding, learned queries, language projection), the frozen LLM, the
+   streaming API ``init_state / step / readout`` and ``forward`` (training loss) / ``generate``.
+
+The memory banks and memory bank compression live in :mod:`pipeline.model.memory`; loading
+weights (HF InstructBLIP, our checkpoints, LAVIS / MA-LMM releases) in
+:mod:`pipeline.model.checkpoint`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from pipeline.model.memory import POLICIES, MemoryState, push
+
+AGGREGATIONS = ("memory", "concat", "avgpool")
+
+
+# ----------------------------------------------------------------------------- 1. configuration
+
+@dataclass
+class MALMMConfig:
+    """The MA-LMM options on top of a base InstructBLIP model (which fixes all widths).
+
+    Attributes:
+        memory: memory bank policy, ``mbc`` (memory bank compression, the paper's method),
+            ``fifo`` (drop the oldest slot) or ``none`` (no memory: the answer sees the last frame only).
+        visual_memory: use the visual memory bank in cross-attention (Table 5, "visual").
+        query_memory: use the query memory banks in self-attention (Table 5, "query").
+        memory_length: L, the number of slots a bank keeps between steps.
+        max_frames: rows of the learned frame position embedding table; more frames per video than
+            this is an error.
+        aggregation: ``memory`` (MA-LMM), or the memory-less baselines of Table 8: ``concat``
+            (all frames' features concatenated into cross-attention) and ``avgpool`` (frame
+            features averaged over time).
+        num_query_tokens: learned queries; None = as in the base model (32 for InstructBLIP).
+        max_prompt_tokens: LLM prompt tokens kept (left truncation), as LAVIS' ``max_txt_len``;
+            also the Q-Former instruction length limit.
+        max_target_tokens: LLM target tokens kept including eos (LAVIS' ``max_output_txt_len``).
+        no_grad_prefix: run steps 0..T-2 without autograd in training; memory is detached, so the
+            gradients are identical and no activations are kept for those steps.
+    """
+
+    memory: str = "mbc"
+    visual_memory: bool = True
+    query_memory: bool = True
+    memory_length: int = 20
+    max_frames: int = 120
+    aggregation: str = "memory"
+    num_query_tokens: int | None = None
+    max_prompt_tokens: int = 128
+    max_target_tokens: int = 256
+    no_grad_prefix: bool = True
+
+    def __post_init__(self):
+        if self.memory not in POLICIES:
+            raise ValueError(f"memory must be one of {POLICIES}, got {self.memory!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if int(self.memory_length) < 1:
+            raise ValueError(f"memory_length (L) must be >= 1, got {self.memory_length}")
+        if int(self.max_frames) < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+
+    def policy(self, bank: str) -> str:
+        """Effective policy of the ``visual`` or ``query`` bank (``none`` when that bank is off)."""
+        enabled = self.visual_memory if bank == "visual" else self.query_memory
+        return self.memory if enabled and self.aggregation == "memory" else "none"
+
+
+# ----------------------------------------------------------------------------- 2. the Q-Former
+
+class QFormerMultiHeadAttention(nn.Module):
+    """Scaled dot-product attention; queries from ``hidden_states``, keys and values from ``context``.
+
+    For self-attention with a query memory bank, ``context`` = [bank ; current hidden states];
+    for cross-attention, ``context`` = [visual memory bank ; current frame] (width ``encoder_hidden_size``).
+    """
+
+    def __init__(self, config, is_cross_attention: bool = False):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden size {config.hidden_size} is not a multiple of "
+                             f"{config.num_attention_heads} attention heads")
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        context_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(context_width, config.hidden_size)
+        self.value = nn.Linear(context_width, config.hidden_size)
+        self.dropout = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = hidden_states.shape
+        heads = lambda x: x.view(B, x.shape[1], self.num_heads, self.head_size).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.query(hidden_states)), heads(self.key(context)), heads(self.value(context))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, K], True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_size)
+
+
+class QFormerSelfOutput(nn.Module):
+    """Attention output projection, dropout, residual and LayerNorm (BERT's ``BertSelfOutput``)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class QFormerAttention(nn.Module):
+    """Attention block: ``attention`` (q/k/v) then ``output`` (projection + residual + norm)."""
+
+    def __init__(self, config, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = QFormerSelfOutput(config)
+
+    def forward(self, hidden_states, context, key_mask=None):
+        return self.output(self.attention(hidden_states, context, key_mask), hidden_states)
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class QFormerOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, residual):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class QFormerLayer(nn.Module):
+    """One Q-Former layer with MA-LMM's memory.
+
+    * self-attention over queries and instruction tokens; keys/values from
+      [query memory bank of this layer ; current hidden states] (paper §3.2, Eq. 4-5);
+    * cross-attention (every ``cross_attention_frequency``-th layer), queries only, to the visual
+      context [visual memory bank ; current frame] (paper Eq. 2-3);
+    * separate feed-forward networks for the queries (``*_query``) and the instruction tokens.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.attention = QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(config, is_cross_attention=True)
+        self.intermediate = QFormerIntermediate(config)
+        self.output = QFormerOutput(config)
+        self.intermediate_query = QFormerIntermediate(config)
+        self.output_query = QFormerOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, self_key_mask: torch.Tensor | None, visual: torch.Tensor,
+                num_queries: int, memory: torch.Tensor | None = None) -> torch.Tensor:
+        context = hidden_states if memory is None else torch.cat([memory, hidden_states], dim=1)
+        attended = self.attention(hidden_states, context, self_key_mask)
+        queries = attended[:, :num_queries]
+        if self.has_cross_attention:
+            queries = self.crossattention(queries, visual)
+        queries = self.output_query(self.intermediate_query(queries), queries)
+        if attended.shape[1] == num_queries:
+            return queries
+        text = attended[:, num_queries:]
+        return torch.cat([queries, self.output(self.intermediate(text), text)], dim=1)
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList([QFormerLayer(config, i) for i in range(config.num_hidden_layers)])
+
+
+class QFormerEmbeddings(nn.Module):
+    """[learned queries ; instruction word + position embeddings] -> LayerNorm -> dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                             persistent=False)
+
+    def forward(self, query_embeds: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        if input_ids is not None and input_ids.shape[1] > 0:
+            positions = self.position_ids[:, : input_ids.shape[1]]
+            text = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+            embeddings = torch.cat([query_embeds.to(text.dtype), text], dim=1)
+        else:
+            embeddings = query_embeds
+        return self.dropout(self.layernorm(embeddings.to(self.layernorm.weight.dtype)))
+
+
+class MemoryQFormer(nn.Module):
+    """InstructBLIP's Q-Former with MA-LMM's query memory: one time step per call.
+
+    Parameter names equal ``transformers.InstructBlipQFormerModel``'s (``embeddings.*``,
+    ``encoder.layer.{i}.attention.attention.query`` ...), so its state dict loads as is.
+    Built from an ``InstructBlipQFormerConfig``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = QFormerEmbeddings(config)
+        self.encoder = QFormerEncoder(config)
+
+    def forward(self, query_embeds: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                encoder_hidden_states: torch.Tensor, query_memory: list[torch.Tensor | None] | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One Q-Former pass.
+
+        Args:
+            query_embeds: learned queries ``[B, Nq, D]``.
+            input_ids: instruction tokens ``[B, S]`` (Q-Former tokenizer) or None.
+            attention_mask: ``[B, Nq + S]`` (1 = real token), as for ``InstructBlipQFormerModel``.
+            encoder_hidden_states: the visual context ``[B, K, C]`` (K = (M+1)·P with a visual bank).
+            query_memory: per layer, that layer's query memory bank flattened to ``[B, M·(Nq+S), D]``
+                (or None): extra keys/values of its self-attention.
+
+        Returns:
+            ``(last_hidden_state [B, Nq + S, D], layer_inputs)`` where ``layer_inputs[l]`` is the
+            input hidden states of layer l — what goes into that layer's query memory bank.
+        """
+        num_queries = query_embeds.shape[1]
+        hidden = self.embeddings(query_embeds, input_ids)
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            if bool(attention_mask.all()):
+                attention_mask = None
+        visual = encoder_hidden_states.to(hidden.dtype)
+        layer_inputs = []
+        for i, layer in enumerate(self.encoder.layer):
+            memory = query_memory[i] if query_memory is not None else None
+            key_mask = attention_mask
+            if attention_mask is not None and memory is not None:  # the bank's tokens share the instruction mask
+                key_mask = attention_mask.repeat(1, memory.shape[1] // hidden.shape[1] + 1)
+            layer_inputs.append(hidden)
+            hidden = layer(hidden, key_mask, visual, num_queries,
+                           None if memory is None else memory.to(hidden.dtype))
+        return hidden, layer_inputs
+
+
+# ----------------------------------------------------------------------------- 3. MA-LMM
+
+@dataclass
+class MALMMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None = None
+
+
+class MALMM(nn.Module):
+    """MA-LMM on cached ViT features: memory Q-Former + projection + frozen LLM.
+
+    Trainable (paper §4.1 and the reference code): the Q-Former, its learned queries
+    ``query_tokens``, ``language_projection`` (Q-Former -> LLM), the vision layer norm ``ln_vision``
+    (HF ``vision_model.post_layernorm``) and the frame position embedding
+    ``frame_position_embedding`` ``[max_frames, C]`` (zeros at start, so an InstructBLIP checkpoint
+    starts as itself). Frozen: the LLM (``requires_grad=False``, always in eval mode). The ViT body
+    is not part of the module: inputs are its cached hidden states *before* the final layer norm,
+    ``features [B, T, P, C]`` in any float dtype.
+
+    One parameter group of the Q-Former is frozen as well: the instruction-token feed-forward of
+    the last layer (``encoder.layer[-1].intermediate/output``). Its output reaches neither the LLM
+    nor any memory bank (banks store layer *inputs*), so it never receives a gradient; freezing it
+    lets DDP run with ``find_unused_parameters=False``.
+
+    Build with :func:`pipeline.model.checkpoint.load_malmm`.
+    """
+
+    def __init__(self, config: MALMMConfig, base_config, llm: nn.Module, tokenizer, qformer_tokenizer):
+        super().__init__()
+        self.config = config
+        self.base_config = base_config
+        vision_width = base_config.vision_config.hidden_size
+        qcfg = base_config.qformer_config
+        if qcfg.encoder_hidden_size != vision_width:
+            raise ValueError(f"Q-Former encoder_hidden_size {qcfg.encoder_hidden_size} != vision width {vision_width}")
+        num_queries = config.num_query_tokens or base_config.num_query_tokens
+        if config.num_query_tokens and config.num_query_tokens != base_config.num_query_tokens:
+            raise ValueError(f"num_query_tokens={config.num_query_tokens} but the base model has "
+                             f"{base_config.num_query_tokens} learned queries")
+        self.num_query_tokens = num_queries
+
+        self.ln_vision = nn.LayerNorm(vision_width, eps=base_config.vision_config.layer_norm_eps)
+        self.frame_position_embedding = nn.Parameter(torch.zeros(config.max_frames, vision_width))
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, qcfg.hidden_size))
+        self.qformer = MemoryQFormer(qcfg)
+        self.language_projection = nn.Linear(qcfg.hidden_size, llm.config.hidden_size)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.base_model_dir: str | None = None  # set by load_malmm; recorded in our checkpoints
+
+        self.llm.requires_grad_(False)
+        self.llm.eval()
+        last = self.qformer.encoder.layer[-1]
+        last.intermediate.requires_grad_(False)
+        last.output.requires_grad_(False)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout, whatever the wrapper's mode
+        return self
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimiser should update (everything but the LLM)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors only, under their ``state_dict`` names (what our checkpoints store)."""
+        return {n: p.detach() for n, p in self.named_trainable_parameters()}
+
+    # -- streaming API: init_state / step / readout -----------------------------------------------
+
+    def init_state(self, prompts: list[str]) -> MemoryState:
+        """An empty memory for a batch of videos; ``prompts`` are the Q-Former instructions."""
+        enc = self.qformer_tokenizer(list(prompts), padding="longest", truncation=True,
+                                     max_length=self.config.max_prompt_tokens, return_tensors="pt")
+        return self.init_state_from_ids(enc["input_ids"], enc["attention_mask"])
+
+    def init_state_from_ids(self, instruction_ids: torch.Tensor, instruction_mask: torch.Tensor) -> MemoryState:
+        layers = len(self.qformer.encoder.layer)
+        return MemoryState(instruction_ids=instruction_ids.to(self.device),
+                           instruction_mask=instruction_mask.to(self.device),
+                           queries=(None,) * layers)
+
+    def _check_frame_count(self, total: int) -> None:
+        if total > self.config.max_frames:
+            raise ValueError(
+                f"video has more frames ({total}) than max_frames={self.config.max_frames}, the size of the frame "
+                f"position embedding table; sample fewer frames or raise max_frames")
+
+    def frame_features(self, features: torch.Tensor, first_frame: int) -> torch.Tensor:
+        """f_t = ln_vision(ViT hidden states) + PE(t), for frames ``first_frame ..``; [B, n, P, C]."""
+        n = features.shape[1]
+        self._check_frame_count(first_frame + n)
+        x = self.ln_vision(features.to(device=self.device, dtype=self.ln_vision.weight.dtype))
+        return x + self.frame_position_embedding[first_frame:first_frame + n, None, :]
+
+    def step(self, state: MemoryState, features: torch.Tensor) -> MemoryState:
+        """Feed the next frames ``features [B, n, P, C]`` (cached ViT states) in order; returns a new state.
+
+        In ``memory`` aggregation each frame is one Q-Former step (paper §3.2): cross-attention reads
+        [visual bank ; f_t], each self-attention layer reads [its query bank ; current states]; then
+        f_t and the layer inputs are appended (detached) and a bank longer than L is reduced by
+        the configured policy. The ``concat`` / ``avgpool`` baselines only collect frames here and
+        run the Q-Former in :meth:`readout`.
+        """
+        if features.dim() != 4:
+            raise ValueError(f"features must be [B, T, P, C], got shape {tuple(features.shape)}")
+        if features.shape[0] != state.batch_size:
+            raise ValueError(f"features batch {features.shape[0]} != state batch {state.batch_size}")
+        n = features.shape[1]
+        if n == 0:
+            return state
+        self._check_frame_count(state.frames_seen + n)
+        if self.config.aggregation != "memory":
+            raw = features.to(device=self.device)
+            frames = raw if state.frames is None else torch.cat([state.frames, raw.to(state.frames.dtype)], dim=1)
+            return state.evolve(frames=frames, frames_seen=state.frames_seen + n)
+
+        cfg = self.config
+        full_mask = self._qformer_mask(state)
+        for i in range(n):
+            f_t = self.frame_features(features[:, i:i + 1], state.frames_seen)[:, 0]  # [B, P, C]
+            visual = f_t if state.visual is None else torch.cat([state.visual.flat().to(f_t.dtype), f_t], dim=1)
+            memory = [None if bank is None else bank.flat() for bank in state.queries]
+            hidden, layer_inputs = self.qformer(self.query_tokens.expand(state.batch_size, -1, -1),
+                                                state.instruction_ids, full_mask, visual, memory)
+            state = state.evolve(
+                visual=push(state.visual, f_t, cfg.policy("visual"), cfg.memory_length),
+                queries=tuple(push(bank, x, cfg.policy("query"), cfg.memory_length)
+                              for bank, x in zip(state.queries, layer_inputs)),
+                frames_seen=state.frames_seen + 1,
+                last_hidden=hidden,
+            )
+        return state
+
+    def readout(self, state: MemoryState) -> torch.Tensor:
+        """The learned queries' outputs after the frames seen so far, ``[B, Nq, D]``."""
+        if state.frames_seen == 0:
+            raise ValueError("readout before any frame was fed; call step() first")
+        if self.config.aggregation == "memory":
+            return state.last_hidden[:, : self.num_query_tokens]
+        f = self.frame_features(state.frames, 0)  # [B, T, P, C]
+        if self.config.aggregation == "concat":
+            visual = f.reshape(f.shape[0], -1, f.shape[-1])  # all frames' tokens: [B, T·P, C]
+        else:  # avgpool
+            visual = f.mean(dim=1)
+        hidden, _ = self.qformer(self.query_tokens.expand(state.batch_size, -1, -1), state.instruction_ids,
+                                 self._qformer_mask(state), visual)
+        return hidden[:, : self.num_query_tokens]
+
+    def _qformer_mask(self, state: MemoryState) -> torch.Tensor:
+        ones = torch.ones(state.batch_size, self.num_query_tokens, dtype=state.instruction_mask.dtype,
+                          device=state.instruction_mask.device)
+        return torch.cat([ones, state.instruction_mask], dim=1)
+
+    def encode_video(self, features: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Whole videos -> the LLM's video tokens ``[B, Nq, H_llm]`` (only the last step is projected).
+
+        With ``no_grad_prefix`` and autograd on, steps 0..T-2 run under ``torch.no_grad``: they only
+        build (detached) memory, so the gradients equal those of an all-autograd loop.
+        """
+        if features.dim() != 4 or features.shape[1] < 1:
+            raise ValueError(f"features must be [B, T>=1, P, C], got shape {tuple(features.shape)}")
+        if len(prompts) != features.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {features.shape[0]} videos")
+        state = self.init_state(prompts)
+        if self.config.no_grad_prefix and torch.is_grad_enabled() and features.shape[1] > 1:
+            with torch.no_grad():
+                state = self.step(state, features[:, :-1])
+            state = self.step(state, features[:, -1:])
+        else:
+            state = self.step(state, features)
+        return self.language_projection(self.readout(state))
+
+    # -- LLM side ------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        return ids[-self.config.max_prompt_tokens:]  # left truncation, as LAVIS
+
+    def _target_ids(self, target: str) -> list[int]:
+        ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        return ids[: self.config.max_target_tokens - 1] + [self.tokenizer.eos_token_id]
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def forward(self, features: torch.Tensor, prompts: list[str], targets: list[str]) -> MALMMOutput:
+        """Training loss: the LLM reads [video tokens][prompt][target + eos]; loss on target tokens only."""
+        if len(targets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        video = self.encode_video(features, prompts)
+        B, Nq = video.shape[:2]
+        rows = []
+        for p, t in zip(prompts, targets):
+            pi, ti = self._prompt_ids(p), self._target_ids(t)
+            rows.append((pi + ti, [-100] * len(pi) + ti))
+        width = max(len(ids) for ids, _ in rows)
+        pad = self._pad_id()
+        ids = torch.full((B, width), pad, dtype=torch.long)
+        labels = torch.full((B, Nq + width), -100, dtype=torch.long)
+        mask = torch.zeros(B, Nq + width, dtype=torch.long)
+        mask[:, :Nq] = 1
+        for b, (row_ids, row_labels) in enumerate(rows):  # right padding
+            ids[b, : len(row_ids)] = torch.tensor(row_ids)
+            labels[b, Nq: Nq + len(row_labels)] = torch.tensor(row_labels)
+            mask[b, Nq: Nq + len(row_ids)] = 1
+        embed = self.llm.get_input_embeddings()
+        text = embed(ids.to(embed.weight.device))
+        inputs = torch.cat([video.to(text.dtype), text], dim=1)
+        out = self.llm(inputs_embeds=inputs, attention_mask=mask.to(inputs.device), labels=labels.to(inputs.device))
+        return MALMMOutput(loss=out.loss, logits=out.logits)
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, prompts: list[str], num_beams: int = 5, max_new_tokens: int = 30,
+                 min_new_tokens: int = 1, repetition_penalty: float = 1.5, length_penalty: float = 1.0,
+                 num_return_sequences: int = 1, return_num_tokens: bool = False):
+        """Beam search (no sampling) for a batch of videos; the LLM reads [video tokens][prompt].
+
+        Batched with left padding ([pad][video tokens][prompt]); padding is masked, so a batch
+        gives the same beams as one video at a time.
+
+        Returns:
+            per sample, the ``num_return_sequences`` decoded strings (best first); with
+            ``return_num_tokens`` also, per sample and beam, the number of generated tokens
+            (eos and padding excluded).
+        """
+        from transformers import GenerationConfig
+
+        video = self.encode_video(features, prompts)
+        B, Nq = video.shape[:2]
+        embed = self.llm.get_input_embeddings()
+        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        width = Nq + max(len(p) for p in prompt_ids)
+        pad = self._pad_id()
+        pad_vec = embed(torch.tensor([pad], device=embed.weight.device))[0]
+        rows, masks = [], []
+        for b, ids in enumerate(prompt_ids):
+            n_pad = width - Nq - len(ids)
+            text = embed(torch.tensor(ids, dtype=torch.long, device=embed.weight.device))
+            rows.append(torch.cat([pad_vec.expand(n_pad, -1), video[b].to(text.dtype), text], dim=0))
+            masks.append(torch.tensor([0] * n_pad + [1] * (Nq + len(ids)), dtype=torch.long))
+        inputs = torch.stack(rows)
+        mask = torch.stack(masks).to(inputs.device)
+        eos = self.tokenizer.eos_token_id
+        gen = GenerationConfig(num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
+                               min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                               length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                               eos_token_id=eos, pad_token_id=pad, bos_token_id=self.tokenizer.bos_token_id)
+        with warnings.catch_warnings():  # as in LAVIS, the penalty applies to generated tokens only
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds")
+            out = self.llm.generate(inputs_embeds=inputs, attention_mask=mask, generation_config=gen)
+        out = out.view(B, num_return_sequences, -1).cpu()
+        texts = [[s.strip() for s in self.tokenizer.batch_decode(out[b], skip_special_tokens=True)]
+                 for b in range(B)]
+        if not return_num_tokens:
+            return texts
+        counts = [[_generated_length(seq, eos, pad) for seq in out[b]] for b in range(B)]
+        return texts, counts
+
+
+def _generated_length(seq: torch.Tensor, eos: int, pad: int) -> int:
+    """Tokens generated before the first eos (padding after it excluded)."""
+    n = 0
+    for tok in seq.tolist():
+        if tok == eos:
+            break
+        if tok != pad:
+            n += 1
+    return n

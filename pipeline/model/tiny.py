@@ -1,0 +1,233 @@
+"""The embedded default model ("tiny"): a real InstructBLIP directory, small enough for a CPU.
+
+Same classes and files as ``Salesforce/instructblip-vicuna-7b`` (``InstructBlipForConditionalGeneration``
++ ``InstructBlipProcessor`` saved with ``save_pretrained``), with tiny configs:
+
+* vision: ``InstructBlipVisionModel`` with ``initializer_range=0.02`` (InstructBLIP's default
+  ``1e-10`` makes a random ViT emit ~1e-9 features that the next LayerNorm flattens; DESIGN §2);
+* Q-Former: cross-attention every 2nd layer, 32 learned queries, width = vision width;
+* LLM: ``LlamaForCausalLM``, **pretrained** as a language model on the given corpus (texts of the
+  synthetic benchmark: event descriptions, questions and answers) so that, like Vicuna, it reads
+  and copies from its context; a random LLM could not be steered through soft prompts;
+* tokenizers: a word-level tokenizer built with the ``tokenizers`` library over the corpus
+  vocabulary (LLM: ``<pad> <s> </s> <unk>``, adds ``<s>``), and a BERT-style one for the Q-Former.
+
+Built once into a temporary directory and renamed into place, then loaded through exactly the
+same code path as a real checkpoint (:func:`pipeline.model.checkpoint.load_malmm`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+LLM_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+# Words of the benchmarks' prompt templates (DESIGN §5), so that prompts never tokenize to <unk>.
+PROMPT_WORDS = ("question : short answer what is the of movie type breakfast shown in video activity does "
+                "describe relationship way_speaking scene director genre writer year verb noun action next "
+                "? . , ' \"").split()
+
+
+def _pre_tokenize(text: str) -> list[str]:
+    from tokenizers import normalizers, pre_tokenizers
+    norm = normalizers.Lowercase().normalize_str(text)
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(norm)]
+
+
+def build_vocabulary(corpus: list[str], extra_words=()) -> list[str]:
+    """Corpus words (lower-cased, split on whitespace and punctuation), most frequent first."""
+    counts = Counter()
+    for text in corpus:
+        counts.update(_pre_tokenize(text))
+    counts.update({w: 0 for w in extra_words for w in _pre_tokenize(w)})
+    return sorted(counts, key=lambda w: (-counts[w], w))
+
+
+def _word_tokenizer(words: list[str], specials: list[str], template: tuple[str, ...], **special_roles):
+    """A ``PreTrainedTokenizerFast`` over a word-level ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    unk = special_roles["unk_token"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single=" ".join(template), special_tokens=[(t, vocab[t]) for t in template if t != "$A"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_roles)
+
+
+def build_tokenizers(corpus: list[str], extra_words=()):
+    """(LLM tokenizer, Q-Former tokenizer) over the corpus vocabulary."""
+    words = build_vocabulary(corpus, list(PROMPT_WORDS) + list(extra_words))
+    llm_tok = _word_tokenizer(words, LLM_SPECIALS, ("<s>", "$A"), pad_token="<pad>", bos_token="<s>",
+                              eos_token="</s>", unk_token="<unk>")
+    qformer_tok = _word_tokenizer(words, QFORMER_SPECIALS, ("[CLS]", "$A", "[SEP]"), pad_token="[PAD]",
+                                  unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                  bos_token="[DEC]")
+    return llm_tok, qformer_tok
+
+
+def tiny_config(llm_vocab: int, qformer_vocab: int, *, image_size=64, patch_size=16, vision_hidden=64,
+                vision_layers=2, qformer_hidden=64, qformer_layers=4, num_query_tokens=32, llm_hidden=128,
+                llm_layers=4, llm_heads=4, image_token_index=4):
+    from transformers import (InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig,
+                              LlamaConfig)
+
+    vision = InstructBlipVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                                      num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                                      patch_size=patch_size, initializer_range=0.02)
+    qformer = InstructBlipQFormerConfig(vocab_size=qformer_vocab, hidden_size=qformer_hidden,
+                                        num_hidden_layers=qformer_layers, num_attention_heads=4,
+                                        intermediate_size=4 * qformer_hidden, cross_attention_frequency=2,
+                                        encoder_hidden_size=vision_hidden, max_position_embeddings=256,
+                                        pad_token_id=0)
+    text = LlamaConfig(vocab_size=llm_vocab, hidden_size=llm_hidden, intermediate_size=4 * llm_hidden,
+                       num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_heads,
+                       max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                              text_config=text.to_dict(), num_query_tokens=num_query_tokens,
+                              image_token_index=image_token_index)
+
+
+def _lm_batches(tokenizer, corpus: list[str], batch_size: int, rng: random.Random, max_len: int = 256):
+    """Endless batches of (input_ids, labels): ``<s> text </s>``, right padded, no loss on padding."""
+    encoded = [ids[: max_len - 1] + [tokenizer.eos_token_id] for ids in tokenizer(corpus)["input_ids"]]
+    while True:
+        rows = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
+        yield _pad(rows, tokenizer.pad_token_id)
+
+
+def _pad(rows: list[list[int]], pad_id: int):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def lm_loss(llm, tokenizer, texts: list[str], batch_size: int = 64) -> float:
+    """Mean next-token loss (nats per token) of the LLM on ``texts``."""
+    was_training = llm.training
+    llm.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts[i:i + batch_size])["input_ids"]]
+        ids, mask, labels = _pad(rows, tokenizer.pad_token_id)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(llm(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
+        count += n
+    llm.train(was_training)
+    return total / max(count, 1)
+
+
+def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, batch_size: int = 32,
+                            lr: float = 2e-3, seed: int = 0, log_every: int = 0) -> list[float]:
+    """Plain next-token training of the LLM on ``corpus`` (AdamW, warm-up then cosine); returns losses."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    batches = _lm_batches(tokenizer, corpus, batch_size, rng)
+    llm.train()
+    losses = []
+    for step in range(steps):
+        ids, mask, labels = next(batches)
+        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  LM pretraining step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / log_every:.3f}",
+                  flush=True)
+    llm.eval()
+    return losses
+
+
+def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int = 0, image_size: int = 64,
+                            patch_size: int = 16, vision_hidden: int = 64, vision_layers: int = 2,
+                            qformer_hidden: int = 64, qformer_layers: int = 4, num_query_tokens: int = 32,
+                            llm_hidden: int = 128, llm_layers: int = 4, llm_heads: int = 4,
+                            pretrain_steps: int = 1200, batch_size: int = 32, lr: float = 2e-3,
+                            extra_words=(), verbose: bool = False) -> Path:
+    """Create the tiny InstructBLIP directory at ``out_dir`` (atomically) and return its path.
+
+    Args:
+        corpus: texts the LLM is pretrained on (and whose words form the vocabulary).
+        pretrain_steps: LLM pretraining steps (batch ``batch_size``); the default takes about a
+            minute on 2 CPU cores. Small values are fine for tests.
+        extra_words: more words for the vocabularies (beyond the corpus and the prompt templates).
+
+    Writes ``InstructBlipForConditionalGeneration`` weights + config, the processor (LLM tokenizer
+    in the root, Q-Former tokenizer in ``qformer_tokenizer/``, image processor) and
+    ``tiny_info.json`` (seed, steps, LM loss before / after pretraining, time).
+    """
+    from transformers import BlipImageProcessor, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    corpus = [t for t in corpus if t.strip()]
+    if not corpus:
+        raise ValueError("the tiny model needs a non-empty corpus to pretrain its LLM on")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    llm_tok, qformer_tok = build_tokenizers(corpus, extra_words)
+    config = tiny_config(len(llm_tok), len(qformer_tok), image_size=image_size, patch_size=patch_size,
+                         vision_hidden=vision_hidden, vision_layers=vision_layers, qformer_hidden=qformer_hidden,
+                         qformer_layers=qformer_layers, num_query_tokens=num_query_tokens, llm_hidden=llm_hidden,
+                         llm_layers=llm_layers, llm_heads=llm_heads,
+                         image_token_index=llm_tok.convert_tokens_to_ids("<image>"))
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF zero-initialises the queries; identical queries would stay identical
+        model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
+
+    rng = random.Random(seed)
+    held_out = rng.sample(corpus, min(256, len(corpus)))
+    loss_before = lm_loss(model.language_model, llm_tok, held_out)
+    losses = pretrain_language_model(model.language_model, llm_tok, corpus, steps=pretrain_steps,
+                                     batch_size=batch_size, lr=lr, seed=seed,
+                                     log_every=max(1, pretrain_steps // 5) if verbose else 0)
+    loss_after = lm_loss(model.language_model, llm_tok, held_out)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size},
+                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                         image_std=[0.26862954, 0.26130258, 0.27577711])
+    InstructBlipProcessor(image_processor=image_processor, tokenizer=llm_tok, qformer_tokenizer=qformer_tok,
+                          num_query_tokens=num_query_tokens).save_pretrained(tmp)
+    info = {"seed": seed, "pretrain_steps": pretrain_steps, "batch_size": batch_size, "lr": lr,
+            "corpus_size": len(corpus), "llm_vocab": len(llm_tok), "qformer_vocab": len(qformer_tok),
+            "initial_lm_loss": loss_before, "final_lm_loss": loss_after,
+            "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
+            "build_seconds": round(time.perf_counter() - t0, 2)}
+    (tmp / "tiny_info.json").write_text(json.dumps(info, indent=1))
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked above)
+    os.replace(tmp, out_dir)
+    return out_dir
