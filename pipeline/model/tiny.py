@@ -36,6 +36,30 @@ PROMPT_WORDS = ("question : short answer what is the of movie type breakfast sho
                 "? . , ' \"").split()
 
 
+def sample_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """A small corpus of the synthetic benchmark's kind: events, then a question and its answer.
+
+    E.g. ``"red circle moves left . blue star moves up . what colour was the first object ? red"``.
+    For tests and quick experiments; the demo pretrains on ``pipeline.synth.lm_corpus``.
+    """
+    rng = random.Random(seed)
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    shapes = ["circle", "square", "triangle", "star"]
+    moves = ["left", "right", "up", "down"]
+    ordinals = ["first", "second", "third"]
+    out = []
+    for _ in range(n):
+        events = [(rng.choice(colours), rng.choice(shapes), rng.choice(moves)) for _ in range(rng.randint(2, 4))]
+        i = rng.randrange(len(events))
+        which = "last" if i == len(events) - 1 else ordinals[i]
+        ask = rng.randrange(3)
+        question = [f"what colour was the {which} object ?", f"what shape was the {which} object ?",
+                    f"where did the {which} object move ?"][ask]
+        story = " . ".join(f"{c} {s} moves {m}" for c, s, m in events)
+        out.append(f"{story} . {question} {events[i][ask]}")
+    return out
+
+
 def _pre_tokenize(text: str) -> list[str]:
     from tokenizers import normalizers, pre_tokenizers
     norm = normalizers.Lowercase().normalize_str(text)

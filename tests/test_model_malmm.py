@@ -1,0 +1,240 @@
+"""The memory Q-Former and the MA-LMM wrapper (DESIGN §3): equivalences and streaming properties."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.model.checkpoint import load_malmm
+from pipeline.model.modeling_malmm import MALMMConfig
+from pipeline.model.tiny import build_tiny_instructblip, sample_corpus
+
+PROMPTS = ["what colour was the first object ?", "where did the last object move ?",
+           "what shape was the second object ? answer in one word"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_instructblip(tmp_path_factory.mktemp("tiny") / "model", sample_corpus(400), pretrain_steps=20)
+
+
+def make(tiny_dir, **kw) -> torch.nn.Module:
+    model = load_malmm(tiny_dir, MALMMConfig(**{"max_frames": 32, **kw}))
+    with torch.no_grad():  # non-trivial values for the parts that start at zero / one
+        g = torch.Generator().manual_seed(0)
+        model.frame_position_embedding.normal_(0.0, 0.3, generator=g)
+        model.ln_vision.weight.normal_(1.0, 0.2, generator=g)
+    return model.eval()
+
+
+def features(B=3, T=7, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, 17, 64, generator=g).to(dtype)  # tiny ViT: 16 patches + CLS, width 64
+
+
+# ----------------------------------------------------------------------------- equivalence with HF
+
+@pytest.mark.parametrize("memory", ["none", "mbc"])
+def test_single_frame_equals_hf_instructblip_qformer(tiny_dir, memory):
+    from transformers import InstructBlipForConditionalGeneration
+
+    ref = InstructBlipForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = load_malmm(tiny_dir, MALMMConfig(memory=memory)).eval()  # fresh: PE is zero, ln_vision as HF
+    x = features(T=1)
+    with torch.no_grad():
+        image_embeds = ref.vision_model.post_layernorm(x[:, 0])
+        enc = model.qformer_tokenizer(PROMPTS, padding="longest", return_tensors="pt")
+        mask = torch.cat([torch.ones(3, 32, dtype=torch.long), enc.attention_mask], dim=1)
+        expected = ref.qformer(input_ids=enc.input_ids, attention_mask=mask,
+                               query_embeds=ref.query_tokens.expand(3, -1, -1),
+                               encoder_hidden_states=image_embeds,
+                               encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long)
+                               ).last_hidden_state
+        state = model.step(model.init_state(PROMPTS), x)
+        ours = state.last_hidden
+        assert ours.shape == expected.shape
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+        # and the LLM inputs equal HF's language_projection of the query outputs
+        proj = ref.language_projection(expected[:, :32])
+        torch.testing.assert_close(model.language_projection(model.readout(state)), proj, atol=1e-5, rtol=0)
+
+
+def test_parameter_names_match_hf_qformer(tiny_dir):
+    from transformers import InstructBlipQFormerModel, InstructBlipConfig
+
+    hf = InstructBlipQFormerModel(InstructBlipConfig.from_pretrained(tiny_dir).qformer_config)
+    model = make(tiny_dir)
+    assert set(hf.state_dict()) == set(model.qformer.state_dict())
+    model.qformer.load_state_dict(hf.state_dict(), strict=True)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("kw", [dict(memory="mbc", memory_length=3), dict(memory="fifo", memory_length=2),
+                                dict(memory="none"), dict(aggregation="concat"), dict(aggregation="avgpool"),
+                                dict(memory="mbc", memory_length=2, visual_memory=False)])
+def test_chunked_equals_whole(tiny_dir, kw):
+    model = make(tiny_dir, **kw)
+    x = features(T=7)
+    with torch.no_grad():
+        whole = model.step(model.init_state(PROMPTS), x)
+        for chunks in ([3, 3, 1], [1] * 7, [2, 0, 5]):
+            state, t = model.init_state(PROMPTS), 0
+            for n in chunks:
+                state = model.step(state, x[:, t:t + n])
+                t += n
+            assert state.frames_seen == 7
+            torch.testing.assert_close(model.readout(state), model.readout(whole), atol=1e-6, rtol=0)
+            if whole.visual is not None:
+                torch.testing.assert_close(state.visual.slots, whole.visual.slots, atol=1e-6, rtol=0)
+                torch.testing.assert_close(state.visual.sizes, whole.visual.sizes)
+
+
+def test_step_returns_new_state_and_online_readout(tiny_dir):
+    model = make(tiny_dir, memory="mbc", memory_length=3)
+    x = features(T=5)
+    with torch.no_grad():
+        s2 = model.step(model.init_state(PROMPTS), x[:, :2])
+        early = model.readout(s2).clone()
+        s5 = model.step(s2, x[:, 2:])
+        torch.testing.assert_close(model.readout(s2), early, atol=0, rtol=0)  # s2 untouched
+        assert s2.frames_seen == 2 and s5.frames_seen == 5
+        assert s5.visual.length == 3 and all(b.length == 3 for b in s5.queries)
+        assert torch.equal(s5.visual.sizes.sum(1), torch.full((3, 17), 5.0))
+    with pytest.raises(ValueError, match="readout before any frame"):
+        model.readout(model.init_state(PROMPTS))
+
+
+def test_no_state_leaks_between_calls_or_batch_sizes(tiny_dir):
+    model = make(tiny_dir, memory="mbc", memory_length=3)
+    params = copy.deepcopy(model.state_dict())
+    x, other = features(T=6), features(T=9, seed=5)
+    with torch.no_grad():
+        first = model.encode_video(x, PROMPTS)
+        model.encode_video(other, PROMPTS)  # another batch in between
+        model.encode_video(other[:1], PROMPTS[:1])
+        again = model.encode_video(x, PROMPTS)
+        singles = torch.cat([model.encode_video(x[i:i + 1], PROMPTS[i:i + 1]) for i in range(3)])
+        pair = model.encode_video(x[1:], PROMPTS[1:])
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(singles, first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair, first[1:], atol=1e-5, rtol=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in params.items())
+    assert not any(isinstance(v, torch.Tensor) and k not in dict(model.named_parameters())
+                   and k not in dict(model.named_buffers()) for k, v in vars(model).items())
+
+
+def test_memory_carries_the_past_only_when_enabled(tiny_dir):
+    x = features(T=6)
+    changed = x.clone()
+    changed[:, 0] = features(T=1, seed=9)[:, 0]  # only the first frame differs
+    for kw, should_differ in ((dict(memory="mbc", memory_length=2), True),
+                              (dict(memory="fifo", memory_length=5), True),
+                              (dict(memory="fifo", memory_length=2), False),  # frame 0 dropped by then
+                              (dict(memory="none"), False),
+                              (dict(memory="mbc", visual_memory=False, query_memory=False), False),
+                              (dict(memory="mbc", visual_memory=False), True),
+                              (dict(memory="mbc", query_memory=False), True)):
+        model = make(tiny_dir, **kw)
+        with torch.no_grad():
+            a, b = model.encode_video(x, PROMPTS), model.encode_video(changed, PROMPTS)
+        assert (not torch.allclose(a, b, atol=1e-6)) == should_differ, kw
+
+
+def test_memory_none_is_last_frame_only(tiny_dir):
+    model = make(tiny_dir, memory="none")
+    x = features(T=5)
+    with torch.no_grad():
+        state = model.step(model.init_state(PROMPTS), x)
+        alone = model.step(model.init_state(PROMPTS), x[:, :4])
+        alone = model.step(alone, x[:, 4:])
+    assert state.visual is None and all(b is None for b in state.queries)
+    torch.testing.assert_close(model.readout(state), model.readout(alone), atol=0, rtol=0)
+
+
+def test_max_frames_is_a_clear_error(tiny_dir):
+    model = make(tiny_dir, max_frames=4)
+    with torch.no_grad():
+        model.encode_video(features(T=4), PROMPTS)  # exactly max_frames is fine
+        with pytest.raises(ValueError, match="max_frames=4"):
+            model.encode_video(features(T=5), PROMPTS)
+        state = model.step(model.init_state(PROMPTS), features(T=3))
+        with pytest.raises(ValueError, match="max_frames"):
+            model.step(state, features(T=2))
+
+
+def test_any_float_dtype_is_cast(tiny_dir):
+    model = make(tiny_dir)
+    x = features(T=3)
+    with torch.no_grad():
+        a = model.encode_video(x, PROMPTS)
+        b = model.encode_video(x.half(), PROMPTS)
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _grads(model, x, prompts, targets, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # dropout masks: same RNG stream in both runs
+    loss = model(features=x, prompts=prompts, targets=targets).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kw", [dict(memory="mbc", memory_length=2), dict(aggregation="concat")])
+def test_no_grad_prefix_gives_identical_gradients(tiny_dir, kw):
+    model = make(tiny_dir, **kw).train()
+    x = features(T=5)
+    targets = ["red", "up", "star"]
+    model.config.no_grad_prefix = True
+    loss_a, grads_a = _grads(model, x, PROMPTS, targets, seed=7)
+    model.config.no_grad_prefix = False
+    loss_b, grads_b = _grads(model, x, PROMPTS, targets, seed=7)
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
+    assert grads_a.keys() == grads_b.keys()
+    expected = {n for n, _ in model.named_trainable_parameters()}
+    assert set(grads_a) == expected  # every trainable tensor gets a gradient (DDP-safe)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-7, rtol=1e-5, msg=n)
+    assert grads_a["frame_position_embedding"].abs().sum() > 0 and grads_a["ln_vision.weight"].abs().sum() > 0
+    assert all(p.grad is None for p in model.llm.parameters())
+
+
+def test_loss_is_on_target_tokens_only(tiny_dir):
+    model = make(tiny_dir, memory="mbc", memory_length=3)
+    x = features(T=3)
+    targets = ["red", "up up down", "star"]
+    with torch.no_grad():
+        batch = model(features=x, prompts=PROMPTS, targets=targets).loss
+        single = [model(features=x[i:i + 1], prompts=PROMPTS[i:i + 1], targets=targets[i:i + 1]).loss
+                  for i in range(3)]
+    counts = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in targets]  # + eos
+    weighted = sum(l * n for l, n in zip(single, counts)) / sum(counts)
+    torch.testing.assert_close(batch, weighted, atol=1e-5, rtol=0)
+    # a longer prompt changes the context but never adds loss terms
+    assert model.llm.training is False
+
+
+def test_train_mode_keeps_llm_frozen_in_eval(tiny_dir):
+    model = make(tiny_dir).train()
+    assert model.training and model.qformer.training and not model.llm.training
+    names = {n for n, _ in model.named_trainable_parameters()}
+    assert {"query_tokens", "frame_position_embedding", "ln_vision.weight", "language_projection.weight"} <= names
+    assert not any(n.startswith("llm.") for n in names)
+    assert set(model.trainable_state_dict()) == names
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_generate_batched_equals_one_at_a_time(tiny_dir):
+    model = make(tiny_dir, memory="mbc", memory_length=3)
+    x = features(T=4)
+    prompts = ["what colour was the first object ?", "where ?", PROMPTS[2]]
+    kw = dict(num_beams=3, max_new_tokens=4, num_return_sequences=3, repetition_penalty=1.5, length_penalty=0.0)
+    batched, counts = model.generate(x, prompts, return_num_tokens=True, **kw)
+    singles = [model.generate(x[i:i + 1], prompts[i:i + 1], **kw)[0] for i in range(3)]
+    assert batched == singles
+    assert len(batched) == 3 and all(len(b) == 3 for b in batched)
+    assert all(1 <= c <= 4 for row in counts for c in row)
