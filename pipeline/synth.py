@@ -397,7 +397,11 @@ def _encode(path: Path, frames: np.ndarray, fps: float, gop: int) -> int:
         stream.width = stream.height = frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.thread_count = 1
-        stream.options = {"preset": "fast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:crf=20"}
+        # mbtree=0: with macroblock-tree rate control x264 output at these tiny sizes depends on
+        # uninitialised memory (measured: the same frames gave up to 5 different files in 30 runs);
+        # without it the encoder is byte-deterministic. Fixed GOP, no scene-cut keyframes.
+        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:crf=20:mbtree=0"
+        stream.options = {"preset": "fast", "x264-params": params}
         for i, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = i
