@@ -106,7 +106,7 @@ def build_tokenizers(corpus: list[str], extra_words=()):
 
 def tiny_config(llm_vocab: int, qformer_vocab: int, *, image_size=64, patch_size=16, vision_hidden=64,
                 vision_layers=2, qformer_hidden=64, qformer_layers=4, num_query_tokens=32, llm_hidden=128,
-                llm_layers=4, llm_heads=4, image_token_index=4):
+                llm_layers=2, llm_heads=4, image_token_index=4):
     from transformers import (InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig,
                               LlamaConfig)
 
@@ -193,15 +193,18 @@ def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, ba
 def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int = 0, image_size: int = 64,
                             patch_size: int = 16, vision_hidden: int = 64, vision_layers: int = 2,
                             qformer_hidden: int = 64, qformer_layers: int = 4, num_query_tokens: int = 32,
-                            llm_hidden: int = 128, llm_layers: int = 4, llm_heads: int = 4,
-                            pretrain_steps: int = 1200, batch_size: int = 32, lr: float = 2e-3,
+                            llm_hidden: int = 128, llm_layers: int = 2, llm_heads: int = 4,
+                            pretrain_steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
                             extra_words=(), verbose: bool = False) -> Path:
     """Create the tiny InstructBLIP directory at ``out_dir`` (atomically) and return its path.
 
     Args:
         corpus: texts the LLM is pretrained on (and whose words form the vocabulary).
-        pretrain_steps: LLM pretraining steps (batch ``batch_size``); the default takes about a
-            minute on 2 CPU cores. Small values are fine for tests.
+        llm_layers: 2 by default: two layers are enough for the copy ("induction") behaviour the
+            benchmark needs and keep pretraining within a minute on 2 CPU cores.
+        pretrain_steps: LLM pretraining steps (batch ``batch_size``); the default (2000 x 16 texts)
+            takes about 50 s on 2 idle CPU cores and reaches ~0.55 nats/token on the synthetic
+            corpus, answering its copy questions from context. Small values are fine for tests.
         extra_words: more words for the vocabularies (beyond the corpus and the prompt templates).
 
     Writes ``InstructBlipForConditionalGeneration`` weights + config, the processor (LLM tokenizer
