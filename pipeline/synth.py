@@ -464,7 +464,9 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
     the seed) form the test split, the rest train. ``next_event`` rows observe the video up to
     ``anticipation_sec`` (at most a quarter of an event) before the final event starts. ``gop_sec``:
     keyframe interval. ``workers``: encoding processes (default: the CPU count, at most 8; 1 encodes
-    in this process). The same arguments always give byte-identical files.
+    in this process; workers are *spawned*, so a script calling this with workers > 1 needs the usual
+    ``if __name__ == "__main__":`` guard). The same arguments always give byte-identical files,
+    whatever the number of workers.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
