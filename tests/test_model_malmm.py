@@ -60,6 +60,28 @@ def test_single_frame_equals_hf_instructblip_qformer(tiny_dir, memory):
         torch.testing.assert_close(model.language_projection(model.readout(state)), proj, atol=1e-5, rtol=0)
 
 
+def test_real_size_qformer_equals_hf():
+    """InstructBLIP's real Q-Former shape (BERT-base, 12 layers, 1408-wide ViT-g features, 257 tokens)."""
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    from pipeline.model.modeling_malmm import MemoryQFormer
+
+    torch.manual_seed(0)
+    cfg = InstructBlipQFormerConfig(vocab_size=30523)
+    hf = InstructBlipQFormerModel(cfg).eval()
+    ours = MemoryQFormer(cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids = torch.tensor([[101, 2054, 2003, 1996, 3185, 102, 0], [101, 2054, 2828, 102, 0, 0, 0]])
+    mask = torch.cat([torch.ones(2, 32, dtype=torch.long), (ids != 0).long()], dim=1)
+    queries, image = torch.randn(2, 32, 768) * 0.5, torch.randn(2, 257, 1408)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image,
+                      encoder_attention_mask=torch.ones(2, 257, dtype=torch.long)).last_hidden_state
+        got, layer_inputs = ours(queries, ids, mask, image)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert len(layer_inputs) == 12
+
+
 def test_parameter_names_match_hf_qformer(tiny_dir):
     from transformers import InstructBlipQFormerModel, InstructBlipConfig
 

@@ -1,7 +1,7 @@
 """MA-LMM's long-term memory: the memory banks, their update policies and memory bank compression.
 
 Terms follow the paper (He et al., "MA-LMM: Memory-Augmented Large Multimodal Model for
-Long-Term Video Understanding", CVPR 2024, §3.2-3.3):
+Long-Term Video Understanding", CVPR 2024, section 3):
 
 * a **memory bank** is a sequence of M slots ``[B, M, N, C]`` (N tokens per slot) with a size
   counter per slot and token ``[B, M, N]`` (how many original frames were averaged into it);
@@ -90,7 +90,7 @@ class Bank:
 def push(bank: Bank | None, entry: torch.Tensor, policy: str, length: int) -> Bank | None:
     """Append ``entry`` [B, N, C] (detached) as the newest slot, then enforce the bank length L.
 
-    Policies (the paper's ablations, Table 6):
+    Policies (``mbc`` is the paper's method; ``fifo`` and ``none`` its ablations):
         ``mbc``  – when the bank holds more than L slots, :func:`compress` it by exactly one slot;
         ``fifo`` – when it holds more than L slots, drop the oldest slot;
         ``none`` – keep no memory at all (returns None).

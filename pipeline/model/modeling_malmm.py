@@ -1,7 +1,7 @@
 """MA-LMM: the memory-augmented Q-Former and the frozen-LLM wrapper, in one file, top to bottom.
 
 He et al., "MA-LMM: Memory-Augmented Large Multimodal Model for Long-Term Video Understanding",
-CVPR 2024 (arXiv 2404.05726). The model reads a video **online**, one frame at a time (§3.1):
+CVPR 2024 (arXiv 2404.05726). The model reads a video **online**, one frame at a time:
 
     frame features f_t (cached ViT hidden states -> vision layer norm + frame position embedding)
         -> Q-Former step t: every cross-attention layer attends to [visual memory bank ; f_t],
@@ -48,8 +48,8 @@ class MALMMConfig:
     Attributes:
         memory: memory bank policy, ``mbc`` (memory bank compression, the paper's method),
             ``fifo`` (drop the oldest slot) or ``none`` (no memory: the answer sees the last frame only).
-        visual_memory: use the visual memory bank in cross-attention (Table 5, "visual").
-        query_memory: use the query memory banks in self-attention (Table 5, "query").
+        visual_memory: use the visual memory bank in cross-attention (ablation: visual memory only / off).
+        query_memory: use the query memory banks in self-attention (ablation: query memory only / off).
         memory_length: L, the number of slots a bank keeps between steps.
         max_frames: rows of the learned frame position embedding table; more frames per video than
             this is an error.
@@ -174,9 +174,9 @@ class QFormerLayer(nn.Module):
     """One Q-Former layer with MA-LMM's memory.
 
     * self-attention over queries and instruction tokens; keys/values from
-      [query memory bank of this layer ; current hidden states] (paper §3.2, Eq. 4-5);
+      [query memory bank of this layer ; current hidden states] (the query memory bank);
     * cross-attention (every ``cross_attention_frequency``-th layer), queries only, to the visual
-      context [visual memory bank ; current frame] (paper Eq. 2-3);
+      context [visual memory bank ; current frame] (the visual memory bank);
     * separate feed-forward networks for the queries (``*_query``) and the instruction tokens.
     """
 
@@ -294,7 +294,7 @@ class MALMMOutput:
 class MALMM(nn.Module):
     """MA-LMM on cached ViT features: memory Q-Former + projection + frozen LLM.
 
-    Trainable (paper §4.1 and the reference code): the Q-Former, its learned queries
+    Trainable (as in the paper and its reference code): the Q-Former, its learned queries
     ``query_tokens``, ``language_projection`` (Q-Former -> LLM), the vision layer norm ``ln_vision``
     (HF ``vision_model.post_layernorm``) and the frame position embedding
     ``frame_position_embedding`` ``[max_frames, C]`` (zeros at start, so an InstructBLIP checkpoint
@@ -392,7 +392,7 @@ class MALMM(nn.Module):
     def step(self, state: MemoryState, features: torch.Tensor) -> MemoryState:
         """Feed the next frames ``features [B, n, P, C]`` (cached ViT states) in order; returns a new state.
 
-        In ``memory`` aggregation each frame is one Q-Former step (paper §3.2): cross-attention reads
+        In ``memory`` aggregation each frame is one Q-Former step: cross-attention reads
         [visual bank ; f_t], each self-attention layer reads [its query bank ; current states]; then
         f_t and the layer inputs are appended (detached) and a bank longer than L is reduced by
         the configured policy. The ``concat`` / ``avgpool`` baselines only collect frames here and
@@ -416,13 +416,14 @@ class MALMM(nn.Module):
         for i in range(n):
             f_t = self.frame_features(features[:, i:i + 1], state.frames_seen)[:, 0]  # [B, P, C]
             visual = f_t if state.visual is None else torch.cat([state.visual.flat().to(f_t.dtype), f_t], dim=1)
-            memory = [None if bank is None else bank.flat() for bank in state.queries]
+            banks = state.queries or (None,) * len(self.qformer.encoder.layer)
+            memory = [None if bank is None else bank.flat() for bank in banks]
             hidden, layer_inputs = self.qformer(self.query_tokens.expand(state.batch_size, -1, -1),
                                                 state.instruction_ids, full_mask, visual, memory)
             state = state.evolve(
                 visual=push(state.visual, f_t, cfg.policy("visual"), cfg.memory_length),
                 queries=tuple(push(bank, x, cfg.policy("query"), cfg.memory_length)
-                              for bank, x in zip(state.queries, layer_inputs)),
+                              for bank, x in zip(banks, layer_inputs)),
                 frames_seen=state.frames_seen + 1,
                 last_hidden=hidden,
             )
