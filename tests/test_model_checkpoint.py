@@ -124,7 +124,8 @@ def test_checkpoint_round_trip(tiny_dir, tmp_path):
     assert keys == set(model.trainable_state_dict()) and not any(k.startswith("llm.") for k in keys)
 
     # load_malmm(checkpoint=...) and load_checkpoint on a fresh model both restore it exactly
-    restored = load_malmm(tiny_dir, cfg, checkpoint=tmp_path / "ckpt")
+    restored = load_malmm(tiny_dir, checkpoint=tmp_path / "ckpt")  # config read from the checkpoint
+    assert restored.config == cfg
     fresh = load_malmm(tiny_dir, cfg)
     load_checkpoint(fresh, tmp_path / "ckpt" / "trainable.safetensors")
     x = features()

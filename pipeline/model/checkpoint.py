@@ -197,7 +197,7 @@ def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpo
     from transformers import AutoTokenizer, InstructBlipConfig
 
     model_dir = Path(model_dir)
-    config = config or MALMMConfig()
+    config = config or (read_checkpoint_config(checkpoint) if checkpoint is not None else None) or MALMMConfig()
     raw = _model_config(model_dir)
     if raw.get("model_type") != "instructblip":
         raise ValueError(f"{model_dir}: model_type is {raw.get('model_type')!r}; load_malmm needs an InstructBLIP "
@@ -376,6 +376,13 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
         path = path / CHECKPOINT_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    info_path = path.parent / CHECKPOINT_CONFIG
+    if path.name == CHECKPOINT_WEIGHTS and info_path.exists() and model.base_model_dir:
+        recorded = json.loads(info_path.read_text()).get("base_model") or {}
+        current = base_model_identity(model.base_model_dir)
+        if recorded.get("sha256") and recorded.get("sha256") != current.get("sha256"):
+            warnings.warn(f"{path} was trained on base model {recorded.get('name')!r} ({recorded['sha256']}), "
+                          f"applying it to {current.get('name')!r} ({current.get('sha256')})")
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:  # .pth / .pt / .bin ...: a pickle

@@ -211,7 +211,10 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
     in the root, Q-Former tokenizer in ``qformer_tokenizer/``, image processor) and
     ``tiny_info.json`` (seed, steps, LM loss before / after pretraining, time).
     """
-    from transformers import BlipImageProcessor, InstructBlipForConditionalGeneration, InstructBlipProcessor
+    import transformers
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from pipeline.model.checkpoint import _quiet_transformers
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -242,12 +245,15 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size},
-                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                         image_std=[0.26862954, 0.26130258, 0.27577711])
-    InstructBlipProcessor(image_processor=image_processor, tokenizer=llm_tok, qformer_tokenizer=qformer_tok,
-                          num_query_tokens=num_query_tokens).save_pretrained(tmp)
+    # the PIL image processor (saved as a BlipImageProcessor) needs no torchvision
+    image_processor_cls = getattr(transformers, "BlipImageProcessorPil", None) or transformers.BlipImageProcessor
+    image_processor = image_processor_cls(size={"height": image_size, "width": image_size},
+                                          image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                          image_std=[0.26862954, 0.26130258, 0.27577711])
+    with _quiet_transformers():
+        model.save_pretrained(tmp)
+        InstructBlipProcessor(image_processor=image_processor, tokenizer=llm_tok, qformer_tokenizer=qformer_tok,
+                              num_query_tokens=num_query_tokens).save_pretrained(tmp)
     info = {"seed": seed, "pretrain_steps": pretrain_steps, "batch_size": batch_size, "lr": lr,
             "corpus_size": len(corpus), "llm_vocab": len(llm_tok), "qformer_vocab": len(qformer_tok),
             "initial_lm_loss": loss_before, "final_lm_loss": loss_after,
