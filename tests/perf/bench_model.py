@@ -181,7 +181,8 @@ def markdown(res: dict) -> str:
     lines = ["# MA-LMM model benchmark", "",
              f"Mid-size model: P={P} tokens x C={C} per frame, Q-Former 4 layers x 128 (cross-attention every 2nd), "
              f"32 queries, frozen 2-layer Llama (width 256). CPU, {res['machine']['torch_threads']} torch threads, "
-             f"{res['machine']['platform']}; load average at start {res['machine']['load_avg_start']}.", "",
+             f"{res['machine']['platform']}; load average at start "
+             f"{' '.join(f'{x:.2f}' for x in res['machine']['load_avg_start'])} (2 cores, shared).", "",
              f"## Streaming inference: one video, fed in chunks of {res['chunk']} frames", "",
              "| frames | mbc s/video | concat s/video | time concat/mbc | mbc ms/frame | mbc peak MB | concat peak MB "
              "| memory concat/mbc |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -203,8 +204,8 @@ def markdown(res: dict) -> str:
               "peak MB all-autograd | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in res["training"]:
         a, b = row["prefix"], row["all_autograd"]
-        lines.append(f"| {row['frames']} / {row['memory_length']} | {a['samples_per_s']:.2f} | {b['samples_per_s']:.2f} | "
-                     f"{a['samples_per_s'] / b['samples_per_s']:.2f} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | "
+        lines.append(f"| {row['frames']} / {row['memory_length']} | {a['samples_per_s']:.2f} | "
+                     f"{b['samples_per_s']:.2f} | {a['samples_per_s'] / b['samples_per_s']:.2f} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | "
                      f"{b['peak_mb'] / max(a['peak_mb'], 1e-9):.1f} |")
     lines += ["", "Peak MB = peak resident set during the run minus the resident set just before it "
                   "(model, optimiser state and inputs excluded), measured in a separate fresh process with a fixed "
