@@ -105,6 +105,11 @@ COIN_EXCLUDED = ("AfiVmAjfTNs", "cjwtcDKTQM8")
 SKIP_REFERENCE = "left out by the reference implementation"
 
 
+# Folder names a dataset's annotations are found under (below --annotations).
+DATASET_FOLDERS = {"epic-kitchens-100": ("epic-kitchens-100", "epic-kitchens-100-annotations", "EPIC-KITCHENS-100",
+                                         "ek100")}
+
+
 class ConversionError(ValueError):
     """An annotation file that cannot be converted; names the file and the entry."""
 
@@ -142,7 +147,8 @@ class ConvertResult:
         if any(self.tasks):
             lines.append("  tasks: " + ", ".join(f"{t} {n}" for t, n in self.tasks.items()))
         if not self.videos_checked:
-            lines.append("  videos: not checked" + (f" ({self.videos_dir} is remote storage)" if self.videos_dir else ""))
+            remote = f" ({self.videos_dir} is remote storage)" if self.videos_dir else ""
+            lines.append("  videos: not checked" + remote)
         elif self.missing_videos:
             more = ", …" if self.missing_videos > len(self.missing_examples) else ""
             lines.append(f"  videos: {self.missing_videos} of {self.videos} not found under {self.videos_dir} "
@@ -342,6 +348,7 @@ class _Ctx:
     split: str | None
     observation_sec: float
     anticipation_sec: float
+    file: Path | None = None  # --annotations named a file (COIN.json) rather than a folder
     rows: list[dict] = field(default_factory=list)
     videos: dict[str, _Video] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
@@ -350,9 +357,12 @@ class _Ctx:
     extras: tuple[str, ...] = ()
 
     def folder(self, dataset: str, probe: Iterable[str]) -> Path:
-        """The folder holding the dataset's annotation files (the first candidate with any of ``probe``)."""
+        """The folder holding the dataset's annotation files: ``ann`` itself, its ``annotation/``
+        folder, or ``<dataset>/annotation/`` below it (the first holding any of ``probe``)."""
         probe = list(probe)
-        for sub in ("", "annotation", "annotations", f"{dataset}/annotation", f"{dataset}/annotations", dataset):
+        names = DATASET_FOLDERS.get(dataset, (dataset,))
+        subs = ["", "annotation", "annotations"] + [f"{n}/{a}" for n in names for a in ("annotation", "annotations")]
+        for sub in subs + list(names):
             d = self.ann / sub if sub else self.ann
             if any((d / p).is_file() for p in probe):
                 return d
@@ -449,8 +459,11 @@ COIN_SUBSETS = {"training": "train", "train": "train", "testing": "test", "test"
 
 def _coin(ctx: _Ctx) -> None:
     ctx.extras = ("video_id", "class_name", "class_id")
-    d = ctx.folder("coin", ["COIN.json", "coin.json"])
-    path = d / "COIN.json" if (d / "COIN.json").is_file() else d / "coin.json"
+    if ctx.file is not None:
+        path = ctx.file
+    else:
+        d = ctx.folder("coin", ["COIN.json", "coin.json"])
+        path = d / "COIN.json" if (d / "COIN.json").is_file() else d / "coin.json"
     if not path.is_file():
         raise ConversionError(ctx.ann, "no COIN annotation file found: looked for COIN.json (the official "
                                        "annotation) in the folder and its annotation folders")
@@ -697,9 +710,8 @@ def _ek100(ctx: _Ctx) -> None:
                 raise ConversionError(path, f"verb_class / noun_class must be integers, got "
                                             f"{row['verb_class']!r} / {row['noun_class']!r}", where) from None
             if vc not in verbs or nc not in nouns:
-                bad = f"verb_class {vc}" if vc not in verbs else f"noun_class {nc}"
-                raise ConversionError(path, f"{bad} is not in the class list ({names['verbs' if vc not in verbs else 'nouns']})",
-                                      where)
+                bad, listing = (f"verb_class {vc}", "verbs") if vc not in verbs else (f"noun_class {nc}", "nouns")
+                raise ConversionError(path, f"{bad} is not in the class list ({names[listing]})", where)
             if not row["narration_id"] or not row["video_id"] or not row["participant_id"]:
                 raise ConversionError(path, "empty narration_id, participant_id or video_id", where)
             end = start - tau
@@ -786,10 +798,15 @@ def convert(benchmark: str, annotations_dir: str | Path, videos_dir: str | Path 
         if str(split).strip().lower() not in SPLIT_ALIASES:
             raise ConversionError(None, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         split = SPLIT_ALIASES[str(split).strip().lower()]
-    ann = Path(annotations_dir)
+    ann, file = Path(annotations_dir), None
+    if ann.is_file() and benchmark == "coin":  # the single official file may be named directly
+        ann, file = ann.parent, ann
+    elif ann.is_file():
+        raise ConversionError(ann, f"--annotations must be a folder for {benchmark} (the one holding its "
+                                   "annotation files, or a parent of it)")
     if not ann.is_dir():
         raise FileNotFoundError(f"annotations folder not found: {ann}")
-    ctx = _Ctx(benchmark, ann, split, float(observation_sec), float(anticipation_sec))
+    ctx = _Ctx(benchmark, ann, split, float(observation_sec), float(anticipation_sec), file=file)
     CONVERTERS[benchmark](ctx)
     if not ctx.rows:
         raise ConversionError(ctx.sources[0] if ctx.sources else ann,

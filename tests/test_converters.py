@@ -258,6 +258,7 @@ def test_coin_official_format(tmp_path):
     assert res.missing_videos == 1 and res.missing_examples == ["vid1.mp4"]
     assert res.skipped == {"left out by the reference implementation": 1}
     assert convert("coin", tmp_path / "coin", None, split="testing").splits == {"test": 2}
+    assert convert("coin", tmp_path / "coin" / "annotation" / "COIN.json", None).rows == 3  # the file itself
 
 
 @pytest.mark.parametrize("data,match", [
@@ -373,7 +374,8 @@ def ek_files(root: Path, rows=None) -> Path:
 
 
 def test_ek100_window_arithmetic_and_classes(tmp_path):
-    ann = ek_files(tmp_path / "epic")
+    ann = ek_files(tmp_path / "ann" / "epic-kitchens-100-annotations")  # a clone of the official repository
+    assert convert("ek100", tmp_path / "ann", None).rows == 9  # found below a parent folder too
     videos = tmp_path / "EPIC-KITCHENS"
     touch(videos, "P01/videos/P01_01.MP4", "P02/P02_03.mp4")
     res = convert("ek100", ann, videos, out=tmp_path / "ek.csv")
@@ -522,6 +524,8 @@ def test_unknown_benchmark_split_and_folders(tmp_path):
         convert("lvu", tmp_path, None, split="dev")
     with pytest.raises(FileNotFoundError, match="annotations folder not found"):
         convert("lvu", tmp_path / "nope", None)
+    with pytest.raises(ConversionError, match="must be a folder"):
+        convert("lvu", write_json(tmp_path / "x" / "train.json", {}), None)
     with pytest.raises(ConversionError, match="no lvu annotation file found"):
         convert("lvu", tmp_path, None)
     with pytest.raises(ConversionError, match="no COIN annotation file found"):
