@@ -261,10 +261,13 @@ def _split_camel(name: str) -> str:
 
 @dataclass(frozen=True)
 class _Video:
-    """How one video is named: candidate paths without extension (first = documented layout)."""
+    """How one video is named: candidate paths without extension (first = documented layout),
+    preferred extensions, and the file stems that identify it wherever it lies in the tree
+    (the id itself; never a name shared by other videos such as Breakfast's ``P03_cereals``)."""
     vid: str
     candidates: tuple[str, ...]
     exts: tuple[str, ...]
+    stems: tuple[str, ...]
 
     @property
     def expected(self) -> str:
@@ -330,7 +333,7 @@ class _VideoFinder:
                 name = by_ext[next(e for e in prefs if e in by_ext)]
                 return f"{rel_dir}/{name}" if rel_dir else name
         tree = self._walk()
-        hits = sorted({p for cand in v.candidates for p in tree.get(cand.rpartition("/")[2], ())})
+        hits = sorted({p for stem in v.stems for p in tree.get(stem, ())})
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -387,9 +390,9 @@ class _Ctx:
         self.sources += [p for _, p in present]
         return present
 
-    def video(self, vid: str, candidates: Iterable[str], exts: tuple[str, ...]) -> str:
+    def video(self, vid: str, candidates: Iterable[str], exts: tuple[str, ...], stems: Iterable[str] = ()) -> str:
         if vid not in self.videos:
-            self.videos[vid] = _Video(vid, tuple(dict.fromkeys(candidates)), exts)
+            self.videos[vid] = _Video(vid, tuple(dict.fromkeys(candidates)), exts, tuple(stems) or (vid,))
         return vid
 
     def add(self, *, sample_id: str, task: str, split: str, video: str, answer: str, start=None, end=None,
@@ -527,7 +530,7 @@ def _qa(ctx: _Ctx) -> None:
             if not question or not answer:
                 ctx.skipped["empty question or answer"] += 1
                 continue
-            ctx.video(vid, [t.format(v=vid) for t in templates], exts)
+            ctx.video(vid, [t.format(v=vid) for t in templates], exts, stems=[t.format(v=vid) for t in templates])
             ctx.add(sample_id=f"{split}_{qid}", task="", split=split, video=vid, answer=answer, question=question,
                     source=f"{path}, entry {label}", video_id=vid, question_id=qid, answer_type=answer_type)
 

@@ -228,6 +228,11 @@ def test_breakfast_official_layout_and_reference_exclusions(tmp_path):
     assert list(df.video) == ["P03/cam01/P03_cereals.avi", "P04-webcam02-P04_tea.mp4"]
     assert list(df.answer) == ["cereal", "tea"]
     assert res.skipped == {"left out by the reference implementation": 2} and res.missing_videos == 0
+    # another camera's recording of the same breakfast is never taken for the missing one
+    touch(videos, "P03/cam02/P03_cereals.avi")
+    (videos / "P03/cam01/P03_cereals.avi").unlink()
+    res = convert("breakfast", tmp_path / "bf", videos)
+    assert res.missing_examples == ["P03/cam01/P03_cereals.avi"]
 
 
 def coin_json(path: Path, database: dict) -> Path:
