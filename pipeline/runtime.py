@@ -15,7 +15,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True,
-                      include_dashboard=False)
+                      include_dashboard=False,
+                      # Ray's own INFO chatter in workers (one line per training step) hides our progress
+                      # bars; warnings and errors still reach the driver
+                      logging_config=ray.LoggingConfig(log_level="WARNING"))
         if address is None:
             kwargs["num_cpus"] = num_cpus
             # keep the project importable by workers of the embedded cluster

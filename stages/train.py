@@ -120,6 +120,7 @@ def train_loop(loop_cfg: dict) -> None:
     from pipeline.model.checkpoint import load_malmm
     from pipeline.model.modeling_malmm import MALMMConfig
 
+    _quiet_ray_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = TrainConfig(**loop_cfg["cfg"])
@@ -130,6 +131,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     model = load_malmm(loop_cfg["model_dir"], MALMMConfig(**loop_cfg["malmm"]))
     model.to(device)
+    llm_before = llm_digest(model) if rank == 0 else None
     ddp = None
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
@@ -172,7 +174,10 @@ def train_loop(loop_cfg: dict) -> None:
         batches = order.reshape(steps_per_epoch, global_bs)[:, rank * local_bs:(rank + 1) * local_bs]
         start = state["step_in_epoch"] if epoch == state["epoch"] else 0
         loader = DataLoader(dataset, batch_sampler=[list(b) for b in batches[start:]], collate_fn=collate,
-                            num_workers=loop_cfg.get("loader_workers", 0))
+                            num_workers=loop_cfg.get("loader_workers", 0),
+                            # its own generator: creating a loader must not draw from the global RNG, or a
+                            # resumed epoch would shift every dropout mask after it
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
         t_wait = time.perf_counter()
         accum_loss, micro = 0.0, 0
         for step_in_epoch, batch in enumerate(loader, start=start):
@@ -185,18 +190,24 @@ def train_loop(loop_cfg: dict) -> None:
             micro += 1
             if micro < cfg.grad_accum and step_in_epoch + 1 < steps_per_epoch:
                 continue
+            lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
             state["step_in_epoch"] = step_in_epoch + 1
+            step_loss = accum_loss / micro
+            if world > 1:  # log the global batch's loss (mean of the ranks' means), not rank 0's half
+                import torch.distributed as dist
+                t = torch.tensor([step_loss], dtype=torch.float64)
+                dist.all_reduce(t)
+                step_loss = float(t[0]) / world
             t_done = time.perf_counter()
-            row = {"global_step": state["global_step"], "epoch": epoch, "loss": accum_loss / micro,
-                   "lr": scheduler.get_last_lr()[0], "samples_per_s": global_bs * micro / max(1e-9, t_done - t_wait),
+            row = {"global_step": state["global_step"], "epoch": epoch, "loss": step_loss,
+                   "lr": lr_used, "samples_per_s": global_bs * micro / max(1e-9, t_done - t_wait),
                    "data_wait_frac": (t_got - t_wait) / max(1e-9, t_done - t_wait)}
             accum_loss, micro = 0.0, 0
             log_rows.append(row)
-            ray.train.report({k: v for k, v in row.items()})
             if rank == 0:
                 _write_progress(run_dir, row)
             t_wait = time.perf_counter()
@@ -215,6 +226,33 @@ def train_loop(loop_cfg: dict) -> None:
             if score is not None and (state["best"] is None or score > state["best"]["score"]):
                 state["best"] = {"score": score, "global_step": state["global_step"]}
         _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows, epoch_end=True)
+        ray.train.report({**log_rows[-1], **({"val": val} if val else {})})
+    if rank == 0:  # the frozen LLM must come out of training bit-identical
+        after = llm_digest(model)
+        write_json(run_dir / "frozen_llm.json", {"sha256_before": llm_before, "sha256_after": after,
+                                                 "unchanged": after == llm_before,
+                                                 "trainable_llm_params": sum(p.requires_grad for p in
+                                                                             model.llm.parameters())})
+
+
+def _quiet_ray_train_worker() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` call at INFO under a logger named by its file path."""
+    import logging
+    try:
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def llm_digest(model) -> str:
+    """SHA-256 over the frozen LLM's parameters and buffers (names and bytes)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in list(model.llm.named_parameters()) + list(model.llm.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_progress(run_dir: Path, row: dict) -> None:
@@ -301,6 +339,12 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
     run_dir = Path(cfg.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
+    if resume_from is not None:
+        st = json.loads((resume_from / "state.json").read_text())
+        if st.get("epoch", 0) >= hp["epochs"]:
+            print(f"train: {run_dir} already holds the final checkpoint ({resume_from.name}, {hp['epochs']} epochs); "
+                  f"nothing to do", file=sys.stderr, flush=True)
+            return {"run_dir": str(run_dir), "metrics": None, "checkpoint": str(resume_from), "skipped": True}
     if not cfg.resume and (run_dir / CKPT_DIR).exists():
         shutil.rmtree(run_dir / CKPT_DIR)
         (run_dir / "metrics.parquet").unlink(missing_ok=True)
@@ -342,7 +386,14 @@ def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool)
     from tqdm import tqdm
 
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the driver thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
     (run_dir / "progress.json").unlink(missing_ok=True)
     thread.start()
     bar = tqdm(total=total_steps, unit="step", desc="train", file=sys.stderr, disable=not progress)
@@ -352,8 +403,12 @@ def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool)
             p = json.loads((run_dir / "progress.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             continue
+        if p["global_step"] == bar.n:
+            continue
         bar.n = p["global_step"]
         bar.set_postfix(epoch=p["epoch"], loss=f"{p['loss']:.3f}")
         bar.refresh()
     bar.close()
+    if "error" in box:
+        raise box["error"]
     return box["result"]
