@@ -103,13 +103,21 @@ def _declare() -> dict[tuple[str, str], Protocol]:
                                  _CLS_GEN(10), "exact", EK_METRICS, epochs=10,
                                  paper={"top5_acc": ek_paper[t][0], "top5_recall": ek_paper[t][1]})
     # The built-in synthetic benchmark (DESIGN §6); its question column holds the full question.
-    syn = {"first_color": ("classification", "{question}", "exact", CLS_METRICS, _CLS_GEN(5)),
-           "qa": ("qa", "Question: {question} Short answer:", "first_word", CLS_METRICS, _QA_GEN),
-           "caption": ("caption", "{question}", "caption", CAP_METRICS, _CAP_GEN(30)),
-           "next_event": ("anticipation", "{question}", "exact", CLS_METRICS, _CLS_GEN(5))}
+    # T = 12 frames (2-3 per event), L = 8: a FIFO bank then holds only the last two thirds of a
+    # video, so the first event (the first 1/6 to 1/4) is gone; MBC must compress 12 frames into 8.
+    # No repetition penalty: the answers repeat words by design (the final event repeats the second).
+    nr = dict(repetition_penalty=1.0)
+    syn = {"first_color": ("classification", "{question}", "exact", CLS_METRICS,
+                           Generation(num_beams=5, num_return_sequences=5, max_new_tokens=5, **nr)),
+           "qa": ("qa", "Question: {question} Short answer:", "first_word", CLS_METRICS,
+                  Generation(num_beams=5, num_return_sequences=5, max_new_tokens=10, length_penalty=0.0, **nr)),
+           "caption": ("caption", "{question}", "caption", CAP_METRICS,
+                       Generation(num_beams=5, num_return_sequences=1, max_new_tokens=30, **nr)),
+           "next_event": ("anticipation", "{question}", "exact", CLS_METRICS,
+                          Generation(num_beams=5, num_return_sequences=5, max_new_tokens=5, **nr))}
     for t, (fam, prompt, rule, metrics, gen) in syn.items():
-        p["synthetic", t] = Protocol("synthetic", t, fam, prompt, SamplingPolicy("uniform", 20), 20, 10, gen, rule,
-                                     metrics, epochs=10, batch_size=32)
+        p["synthetic", t] = Protocol("synthetic", t, fam, prompt, SamplingPolicy("uniform", 12), 12, 8, gen, rule,
+                                     metrics, epochs=3, batch_size=32, lr=1e-3)
     return p
 
 

@@ -43,8 +43,9 @@ def run_label(run_dir: Path) -> str:
     return run_dir.name
 
 
-def predictions_fingerprint(files: list[Path]) -> str:
-    h = hashlib.sha256()
+def predictions_fingerprint(files: list[Path], n_boot: int = 0) -> str:
+    """Identity of a run's scores: its prediction files' bytes and the bootstrap size."""
+    h = hashlib.sha256(f"n_boot={n_boot}".encode())
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -58,7 +59,7 @@ def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None) -> pd.Data
     files = sorted((run_dir / "predictions").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no predictions/*.parquet; run `malmm-pipeline infer --out {run_dir}`")
-    fp = predictions_fingerprint(files)
+    fp = predictions_fingerprint(files, n_boot)
     label = run_label(run_dir)
     if cache is not None and len(cache):
         hit = cache[(cache.run == label) & (cache.fingerprint == fp)]
@@ -236,33 +237,35 @@ def make_plots(metrics: pd.DataFrame, out_dir: Path) -> list[str]:
         fig.tight_layout()
         written.append(_savefig(fig, out_dir / "scores_by_run.png"))
         plt.close(fig)
-    bench = out_dir / "bench" / "model.json"
-    if bench.exists():
-        data = json.loads(bench.read_text())
-        rows = data.get("memory_vs_frames") or data.get("streaming") or []
-        if rows:
-            df = pd.DataFrame(rows)
-            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-            for mode, d in df.groupby(df.columns[df.columns.str.contains("mode|aggregation|method")][0]
-                                      if df.columns.str.contains("mode|aggregation|method").any() else "frames"):
-                d = d.sort_values("frames")
-                mem_col = next((c for c in d.columns if "mem" in c.lower()), None)
-                time_col = next((c for c in d.columns if "time" in c.lower() or c.endswith("_s")), None)
-                if mem_col:
-                    axes[0].plot(d.frames, d[mem_col], marker="o", label=str(mode))
-                if time_col:
-                    axes[1].plot(d.frames, d[time_col], marker="o", label=str(mode))
-            axes[0].set_xlabel("frames")
-            axes[0].set_ylabel("peak memory")
-            axes[1].set_xlabel("frames")
-            axes[1].set_ylabel("time per video")
-            for a in axes:
-                a.legend()
-            fig.suptitle("Memory and time per video against frames (reports/bench/model.json)")
-            fig.tight_layout()
-            written.append(_savefig(fig, out_dir / "memory_vs_frames.png"))
-            plt.close(fig)
+    bench = next((d / "model.json" for d in (out_dir / "bench", Path(__file__).resolve().parents[1] / "reports"
+                                             / "bench") if (d / "model.json").exists()), None)
+    if bench is not None:
+        path = _plot_model_bench(json.loads(bench.read_text()), out_dir, plt)
+        if path:
+            written.append(path)
     return written
+
+
+def _plot_model_bench(data: dict, out_dir: Path, plt) -> str | None:
+    """Peak memory and time per video against frames, per aggregation (``tests/perf/bench_model.py``)."""
+    rows = data.get("inference") or []
+    modes = [k for k in (rows[0] if rows else {}) if isinstance(rows[0][k], dict)]
+    if not modes:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in modes:
+        frames = [r["frames"] for r in rows if mode in r]
+        axes[0].plot(frames, [r[mode]["peak_mb"] for r in rows if mode in r], marker="o", label=mode)
+        axes[1].plot(frames, [r[mode]["seconds_per_video"] for r in rows if mode in r], marker="o", label=mode)
+    for ax, ylabel in zip(axes, ("peak memory per video (MB)", "seconds per video")):
+        ax.set_xlabel("frames")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle(f"Streaming one video in chunks of {data.get('chunk', '?')} frames (reports/bench/model.json)")
+    fig.tight_layout()
+    path = _savefig(fig, out_dir / "memory_vs_frames.png")
+    plt.close(fig)
+    return path
 
 
 def _savefig(fig, path: Path) -> str:
