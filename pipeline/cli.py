@@ -101,16 +101,19 @@ def extract(
 def manifest(
     benchmark: str = typer.Argument(..., help="lvu, breakfast, coin, msrvtt-qa, msvd-qa, activitynet-qa, msrvtt-cap, msvd-cap, youcook2-cap or ek100."),
     annotations: Path = typer.Option(..., "--annotations", "-a", help="Folder with the benchmark's official annotation files."),
-    videos: Path = typer.Option(..., "--videos", help="Folder holding (or that will hold) the videos."),
+    videos: str = typer.Option(..., "--videos", help="Folder holding (or that will hold) the videos; manifest paths are relative to it (pass it to extract as --video-root)."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train / val / test)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Manifest CSV to write (default manifests/BENCHMARK.csv)."),
+    observation_sec: float = typer.Option(16.0, "--observation-sec", help="EPIC-Kitchens-100: seconds observed before the anticipation gap."),
+    anticipation_sec: float = typer.Option(1.0, "--anticipation-sec", help="EPIC-Kitchens-100: τa, the gap between the observed clip and the action's start."),
 ):
     """Convert a benchmark's published annotations into a manifest CSV (next: `extract --manifest`)."""
     from pipeline import converters
 
     try:
         res = converters.convert(benchmark, annotations, videos, split=split,
-                                 out=out or Path("manifests") / f"{benchmark}.csv")
+                                 out=out or Path("manifests") / f"{benchmark}.csv",
+                                 observation_sec=observation_sec, anticipation_sec=anticipation_sec)
     except (converters.ConversionError, KeyError, FileNotFoundError) as e:
         _fail(f"error: {e}")
     typer.echo(str(res))

@@ -15,7 +15,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True,
-                      include_dashboard=False,
+                      # the dashboard serves the State API that Ray Train V2's placement-group
+                      # cleaner polls every second (without it, a warning per second)
+                      include_dashboard=None,
                       # Ray's own INFO chatter in workers (one line per training step) hides our progress
                       # bars; warnings and errors still reach the driver
                       logging_config=ray.LoggingConfig(log_level="WARNING"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ExtractConfig, InferConfig, TrainConfig
+from pipeline.shards import write_json
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class DemoSize:
     variants: tuple[str, ...]
 
 
-FULL = DemoSize(videos=1500, seconds=30, epochs=4, batch_size=32, lr=1e-3, warmup_steps=50,
+FULL = DemoSize(videos=1500, seconds=30, epochs=3, batch_size=32, lr=1e-3, warmup_steps=50,
                 variants=("mbc", "fifo", "none"))
 QUICK = DemoSize(videos=24, seconds=16, epochs=1, batch_size=8, lr=1e-3, warmup_steps=2, variants=("mbc", "none"))
 
@@ -56,7 +57,7 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
     stamp = data / "demo.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == want):
         synth.generate(data, videos=n_videos, seconds=size.seconds, seed=0)
-        stamp.write_text(json.dumps(want))
+        write_json(stamp, want)
     _step("synth", t0)
     manifest = str(data / "manifest.csv")
 
@@ -66,18 +67,18 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
         raise RuntimeError(f"extract produced no features (see {features}/ledger.parquet)")
     _step(f"extract ({res.ok} units)", t0)
 
-    runs = []
+    runs, record = [], {"extract": {"processed_videos": res.processed_videos, "reused_videos": res.skipped_videos}}
     for variant in size.variants:
         run_dir = out / "runs" / variant
         tcfg = TrainConfig(features=str(features), manifest=manifest, benchmark="synthetic", out=str(run_dir / "train"),
                            memory=variant, epochs=n_epochs, batch_size=size.batch_size, lr=size.lr,
                            warmup_steps=size.warmup_steps, checkpoint_every=0, validate=False)
-        if not _trained(run_dir / "train", n_epochs):
-            train.run(tcfg, progress=progress)
+        trained = train.run(tcfg, progress=progress)  # a finished run is detected and not re-trained
         _step(f"train {variant}", t0)
-        infer.run(InferConfig(checkpoint=str(run_dir / "train"), features=str(features), manifest=manifest,
-                              split="test", out=str(run_dir), label=VARIANT_LABELS[variant], batch_size=32),
-                  progress=progress)
+        predicted = infer.run(InferConfig(checkpoint=str(run_dir / "train"), features=str(features),
+                                          manifest=manifest, split="test", out=str(run_dir),
+                                          label=VARIANT_LABELS[variant], batch_size=32), progress=progress)
+        record[variant] = {"trained": not trained.get("skipped", False), "predicted": predicted["predicted"]}
         _step(f"infer {variant}", t0)
         runs.append(str(run_dir))
 
@@ -85,9 +86,5 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
     rep = report.run(runs, str(rdir))
     _step("report", t0)
     print((rdir / "leaderboard.md").read_text())
-    return {"leaderboard": str(rdir / "leaderboard.md"), "metrics": rep["metrics"], "seconds": time.perf_counter() - t0}
-
-
-def _trained(run_dir: Path, epochs: int) -> bool:
-    latest = run_dir / "latest.json"
-    return latest.exists() and json.loads(latest.read_text()).get("epoch", 0) >= epochs
+    return {"leaderboard": str(rdir / "leaderboard.md"), "metrics": rep["metrics"], "stages": record,
+            "seconds": time.perf_counter() - t0}

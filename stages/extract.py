@@ -343,13 +343,14 @@ def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     manifest = read_manifest(cfg.manifest, video_root)
     units = plan_units(manifest, video_root, cfg.sampling, cfg.shard_size)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.dry_run:  # a dry run plans and checks only: it writes nothing
+        out.mkdir(parents=True, exist_ok=True)
     vid_of = {u.key: video_id(u.source) for u in units}
     n_shards = max(u.shard for u in units) + 1
 
-    if cfg.retry_failed:
+    if cfg.retry_failed and not cfg.dry_run:
         _reopen_failed_shards(out, units, vid_of)
-    _check_previous_plan(out, cfg, units, video_root)
+    _check_previous_plan(out, cfg, units, video_root, write=not cfg.dry_run)
 
     pending: dict[str, list[Unit]] = defaultdict(list)
     for u in units:
@@ -425,7 +426,8 @@ def _reopen_failed_shards(out: Path, units: list[Unit], vid_of: dict[str, str]) 
                     (out / STAGING / f"{vid_of[u.key]}.json").unlink(missing_ok=True)
 
 
-def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video_root: str | None) -> None:
+def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video_root: str | None, *,
+                         write: bool = True) -> None:
     """Refuse to mix shards of a different plan (other manifest, shard size or policy) into one folder."""
     plan = {"video_root": str(Path(video_root).resolve()) if video_root and "://" not in video_root else video_root,
             "shard_size": cfg.shard_size, "units": hashlib.sha1("".join(u.key for u in units).encode()).hexdigest(),
@@ -437,5 +439,5 @@ def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video
         if diff:
             raise SystemExit(f"error: {out} holds shards of a different extraction ({', '.join(diff)} changed); "
                              f"use another --out or delete {out}")
-    else:
+    elif write:
         sh.write_json(path, plan)

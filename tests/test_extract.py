@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.benchmarks import PROTOCOLS
 from pipeline.config import ExtractConfig
 from pipeline.shards import iter_shard
 from stages import extract
@@ -39,9 +40,10 @@ def test_shards_index_ledger(features_small, synth_small):
     meta = sample["meta"]
     assert sample["features"].dtype == np.float16
     t, p, c = sample["features"].shape
-    assert t == 20 and len(sample["frame_indices"]) == t and len(sample["timestamps"]) == t
+    n = int(PROTOCOLS["synthetic", "qa"].extract_sampling.value)  # the synthetic benchmark's whole-video policy
+    assert t == n and len(sample["frame_indices"]) == t and len(sample["timestamps"]) == t
     assert np.allclose(sample["timestamps"], sample["frame_indices"] / meta["source"]["fps"])
-    assert meta["sampling"] == "uniform:20" and meta["dtype"] == "float16"
+    assert meta["sampling"] == f"uniform:{n}" and meta["dtype"] == "float16"
     assert meta["vision_model"]["weights_sha256"]
     assert not (features_small / "_staging").exists()
 
@@ -180,3 +182,10 @@ ray.shutdown(); cluster.shutdown()
     assert r.returncode == 0, r.stderr[-3000:]
     assert "NODES 2" in r.stdout
     assert shard_bytes(tmp_path / "feat") == shard_bytes(features_small)
+
+
+def test_dry_run_plans_without_writing(synth_small, tmp_path):
+    out = tmp_path / "never"
+    res = extract.run(ExtractConfig(manifest=str(synth_small / "manifest.csv"), out=str(out), dry_run=True),
+                      progress=False)
+    assert res.units > 0 and res.ok == 0 and not out.exists()

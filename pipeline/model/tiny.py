@@ -117,7 +117,10 @@ def tiny_config(llm_vocab: int, qformer_vocab: int, *, image_size=64, patch_size
                                         num_hidden_layers=qformer_layers, num_attention_heads=4,
                                         intermediate_size=4 * qformer_hidden, cross_attention_frequency=2,
                                         encoder_hidden_size=vision_hidden, max_position_embeddings=256,
-                                        pad_token_id=0)
+                                        pad_token_id=0,
+                                        # attention-probability dropout costs half of a CPU training step
+                                        # (a Bernoulli draw per attention weight); hidden dropout stays 0.1
+                                        attention_probs_dropout_prob=0.0)
     text = LlamaConfig(vocab_size=llm_vocab, hidden_size=llm_hidden, intermediate_size=4 * llm_hidden,
                        num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_heads,
                        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
