@@ -45,6 +45,7 @@ class Protocol:
     lr: float = 1e-4
     epochs: int = 10
     batch_size: int = 8
+    frame_position_init: str = "zeros"  # the reference's; see MALMMConfig.frame_position_init
     window_sec: int | None = None  # LVU: samples are windows cut from the cached video
     stride_sec: int | None = None
     paper: dict[str, float] = field(default_factory=dict)  # metric → paper value (MBC)
@@ -117,7 +118,10 @@ def _declare() -> dict[tuple[str, str], Protocol]:
                           Generation(num_beams=5, num_return_sequences=5, max_new_tokens=5, **nr))}
     for t, (fam, prompt, rule, metrics, gen) in syn.items():
         p["synthetic", t] = Protocol("synthetic", t, fam, prompt, SamplingPolicy("uniform", 12), 12, 8, gen, rule,
-                                     metrics, epochs=3, batch_size=32, lr=1e-3)
+                                     metrics, epochs=3, batch_size=32, lr=1e-3,
+                                     # a zero PE never learns the order of stored frames; the
+                                     # synthetic questions ask for it ("first", "next")
+                                     frame_position_init="sinusoidal")
     return p
 
 

@@ -133,6 +133,7 @@ def train(
     aggregation: Optional[str] = typer.Option(None, "--aggregation", help="memory | concat | avgpool (Table 8 baselines)."),
     num_frames: Optional[int] = typer.Option(None, "--num-frames", help="Frames per sample (default: the benchmark's)."),
     memory_length: Optional[int] = typer.Option(None, "--memory-length", "-L", help="Memory bank length L (default: the benchmark's)."),
+    frame_position_init: Optional[str] = typer.Option(None, "--frame-position-init", help="Initial frame position embedding: zeros (the paper's code; memory then holds no frame order, since PE of stored frames never gets a gradient) | sinusoidal (default: the benchmark's)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the benchmark's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split across workers)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the benchmark's)."),
@@ -154,8 +155,8 @@ def train(
 
     cfg = resolve(TrainConfig, "train", config, features=features, manifest=manifest, benchmark=benchmark, task=task,
                   out=out, model=model, memory=memory, visual_memory=visual_memory, query_memory=query_memory,
-                  aggregation=aggregation, num_frames=num_frames, memory_length=memory_length, epochs=epochs,
-                  batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
+                  aggregation=aggregation, num_frames=num_frames, memory_length=memory_length,
+                  frame_position_init=frame_position_init, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
                   num_workers=num_workers, use_gpu=use_gpu, checkpoint_every=checkpoint_every, keep_last=keep_last,
                   validate=validate, resume=resume, dry_run=dry_run, address=address)
     try:

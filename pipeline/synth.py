@@ -544,5 +544,5 @@ def lm_corpus(n: int, *, seed: int = 0, events: tuple[int, int] = DEFAULT_EVENTS
                  "observe_end_sec": 0.0}
         row = samples_of(video)[int(rng.integers(len(TASKS)))]
         seen = evs[:-1] if row["task"] == "next_event" else evs
-        texts.append(f"{describe(seen)} . {render_prompt(row['task'], row['question'])} {row['answer']}")
+        texts.append(f"{describe(seen)} . <s> {render_prompt(row['task'], row['question'])} {row['answer']}")
     return texts

@@ -77,6 +77,34 @@ def test_tiny_loads_like_a_real_checkpoint(tiny_dir):
     assert q[0] == model.qformer_tokenizer.cls_token_id and q[-1] == model.qformer_tokenizer.sep_token_id
 
 
+def test_frame_position_init_zeros_or_sinusoidal(tiny_dir):
+    from pipeline.model.modeling_malmm import sinusoidal_table
+
+    pe = load_malmm(tiny_dir, MALMMConfig(max_frames=12, frame_position_init="sinusoidal")).frame_position_embedding
+    assert torch.equal(pe.detach(), sinusoidal_table(12, 64))
+    # every frame has its own row (the order of stored frames stays readable), of unit amplitude
+    assert torch.cdist(pe, pe).add(torch.eye(12) * 9).min() > 0.1 and pe.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="frame_position_init"):
+        MALMMConfig(frame_position_init="random")
+
+
+def test_lm_text_layout_puts_the_context_where_the_video_tokens_go(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.model.tiny import encode_lm_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids, labels = encode_lm_text(tok, "red circle , blue square . <s> what colour was the first object ? red", 8)
+    words = tok.convert_ids_to_tokens(ids)
+    # context, filled to 8 positions with <image> (no loss there), then <s> prompt answer </s>
+    assert words[:8] == ["red", "circle", ",", "blue", "square", ".", "<image>", "<image>"]
+    assert words[8] == "<s>" and words[-2:] == ["red", "</s>"]
+    assert labels[6:8] == [-100, -100] and labels[:6] == ids[:6] and labels[8:] == ids[8:]
+    plain, plain_labels = encode_lm_text(tok, "red circle moves left", 8)
+    assert tok.convert_ids_to_tokens(plain) == ["<s>", "red", "circle", "moves", "left", "</s>"]
+    assert plain_labels == plain
+
+
 def test_vision_model_from_full_and_vision_only_dirs(tiny_dir, tmp_path):
     from transformers import InstructBlipForConditionalGeneration
 

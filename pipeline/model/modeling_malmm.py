@@ -41,6 +41,19 @@ AGGREGATIONS = ("memory", "concat", "avgpool")
 
 # ----------------------------------------------------------------------------- 1. configuration
 
+FRAME_POSITION_INITS = ("zeros", "sinusoidal")
+
+
+def sinusoidal_table(rows: int, width: int) -> torch.Tensor:
+    """``[rows, width]``: row t = sin / cos of t at geometrically spaced frequencies (unit amplitude)."""
+    pos = torch.arange(rows, dtype=torch.float32)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float32) / width)
+    table = torch.zeros(rows, width)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : width // 2]
+    return table
+
+
 @dataclass
 class MALMMConfig:
     """The MA-LMM options on top of a base InstructBLIP model (which fixes all widths).
@@ -62,6 +75,11 @@ class MALMMConfig:
         max_target_tokens: LLM target tokens kept including eos (LAVIS' ``max_output_txt_len``).
         no_grad_prefix: run steps 0..T-2 without autograd in training; memory is detached, so the
             gradients are identical and no activations are kept for those steps.
+        frame_position_init: initial frame position embedding when the checkpoint has none:
+            ``zeros`` (the paper's code: an InstructBLIP checkpoint starts as itself) or
+            ``sinusoidal`` (fixed sin/cos rows of unit amplitude). Memory is detached, so PE(t)
+            of the frames stored in memory (t < T-1) never receives a gradient: from zeros, the
+            memory banks carry no frame order at all; sinusoidal rows keep the order readable.
     """
 
     memory: str = "mbc"
@@ -74,6 +92,7 @@ class MALMMConfig:
     max_prompt_tokens: int = 128
     max_target_tokens: int = 256
     no_grad_prefix: bool = True
+    frame_position_init: str = "zeros"
 
     def __post_init__(self):
         if self.memory not in POLICIES:
@@ -84,6 +103,9 @@ class MALMMConfig:
             raise ValueError(f"memory_length (L) must be >= 1, got {self.memory_length}")
         if int(self.max_frames) < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.frame_position_init not in FRAME_POSITION_INITS:
+            raise ValueError(f"frame_position_init must be one of {FRAME_POSITION_INITS}, "
+                             f"got {self.frame_position_init!r}")
 
     def policy(self, bank: str) -> str:
         """Effective policy of the ``visual`` or ``query`` bank (``none`` when that bank is off)."""
@@ -297,8 +319,8 @@ class MALMM(nn.Module):
     Trainable (as in the paper and its reference code): the Q-Former, its learned queries
     ``query_tokens``, ``language_projection`` (Q-Former -> LLM), the vision layer norm ``ln_vision``
     (HF ``vision_model.post_layernorm``) and the frame position embedding
-    ``frame_position_embedding`` ``[max_frames, C]`` (zeros at start, so an InstructBLIP checkpoint
-    starts as itself). Frozen: the LLM (``requires_grad=False``, always in eval mode). The ViT body
+    ``frame_position_embedding`` ``[max_frames, C]`` (zeros at start as in the paper's code, so an
+    InstructBLIP checkpoint starts as itself; or sinusoidal, see ``MALMMConfig.frame_position_init``). Frozen: the LLM (``requires_grad=False``, always in eval mode). The ViT body
     is not part of the module: inputs are its cached hidden states *before* the final layer norm,
     ``features [B, T, P, C]`` in any float dtype.
 
@@ -325,7 +347,9 @@ class MALMM(nn.Module):
         self.num_query_tokens = num_queries
 
         self.ln_vision = nn.LayerNorm(vision_width, eps=base_config.vision_config.layer_norm_eps)
-        self.frame_position_embedding = nn.Parameter(torch.zeros(config.max_frames, vision_width))
+        pe = (sinusoidal_table(config.max_frames, vision_width) if config.frame_position_init == "sinusoidal"
+              else torch.zeros(config.max_frames, vision_width))
+        self.frame_position_embedding = nn.Parameter(pe)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, qcfg.hidden_size))
         self.qformer = MemoryQFormer(qcfg)
         self.language_projection = nn.Linear(qcfg.hidden_size, llm.config.hidden_size)

@@ -29,6 +29,11 @@ from pathlib import Path
 import torch
 
 LLM_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+#: in a corpus text, ``context <s> text``: the context stands where MA-LMM puts its video tokens
+#: (before the prompt's ``<s>``, see :func:`encode_lm_text`)
+CONTEXT_MARK = "<s>"
+#: the token that fills a context up to the video tokens' length
+CONTEXT_FILLER = "<image>"
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 # Words of the benchmarks' prompt templates (DESIGN §5), so that prompts never tokenize to <unk>.
 PROMPT_WORDS = ("question : short answer what is the of movie type breakfast shown in video activity does "
@@ -62,7 +67,7 @@ def sample_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 def _pre_tokenize(text: str) -> list[str]:
     from tokenizers import normalizers, pre_tokenizers
-    norm = normalizers.Lowercase().normalize_str(text)
+    norm = normalizers.Lowercase().normalize_str(text.replace(CONTEXT_MARK, " "))
     return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(norm)]
 
 
@@ -130,34 +135,57 @@ def tiny_config(llm_vocab: int, qformer_vocab: int, *, image_size=64, patch_size
                               image_token_index=image_token_index)
 
 
-def _lm_batches(tokenizer, corpus: list[str], batch_size: int, rng: random.Random, max_len: int = 256):
-    """Endless batches of (input_ids, labels): ``<s> text </s>``, right padded, no loss on padding."""
-    encoded = [ids[: max_len - 1] + [tokenizer.eos_token_id] for ids in tokenizer(corpus)["input_ids"]]
+def encode_lm_text(tokenizer, text: str, context_tokens: int, max_len: int = 256) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one corpus text for LM pretraining.
+
+    A plain text is ``<s> text </s>``. A text ``context <s> text`` is laid out as MA-LMM lays out
+    its LLM input, ``[video tokens][<s> prompt][answer </s>]``: the context's tokens, filled up with
+    ``<image>`` to ``context_tokens`` positions (the number of video tokens), then ``<s> text </s>``.
+    So the frozen LLM learns to read the facts it needs from the positions where the Q-Former's
+    tokens will be, before the prompt's ``<s>``, as a trained LLM would with a real projection.
+    No loss on the filler.
+    """
+    context, mark, rest = text.partition(CONTEXT_MARK)
+    if not mark:
+        context, rest = "", text
+    ids = tokenizer(rest)["input_ids"][: max_len - 1] + [tokenizer.eos_token_id]
+    labels = list(ids)
+    if mark:
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"][-context_tokens:]
+        fill = context_tokens - len(ctx)
+        ids = ctx + [tokenizer.convert_tokens_to_ids(CONTEXT_FILLER)] * fill + ids
+        labels = ctx + [-100] * fill + labels
+    return ids, labels
+
+
+def _lm_batches(tokenizer, corpus: list[str], batch_size: int, rng: random.Random, context_tokens: int):
+    """Endless batches of (input_ids, mask, labels) of :func:`encode_lm_text`, right padded."""
+    encoded = [encode_lm_text(tokenizer, text, context_tokens) for text in corpus]
     while True:
         rows = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
         yield _pad(rows, tokenizer.pad_token_id)
 
 
-def _pad(rows: list[list[int]], pad_id: int):
-    width = max(map(len, rows))
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    width = max(len(r) for r, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
+    for i, (r, lab) in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(lab)
         mask[i, : len(r)] = 1
     return ids, mask, labels
 
 
 @torch.no_grad()
-def lm_loss(llm, tokenizer, texts: list[str], batch_size: int = 64) -> float:
-    """Mean next-token loss (nats per token) of the LLM on ``texts``."""
+def lm_loss(llm, tokenizer, texts: list[str], batch_size: int = 64, context_tokens: int = 32) -> float:
+    """Mean next-token loss (nats per token) of the LLM on ``texts`` (laid out by :func:`encode_lm_text`)."""
     was_training = llm.training
     llm.eval()
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts[i:i + batch_size])["input_ids"]]
+        rows = [encode_lm_text(tokenizer, t, context_tokens) for t in texts[i:i + batch_size]]
         ids, mask, labels = _pad(rows, tokenizer.pad_token_id)
         n = int((labels[:, 1:] != -100).sum())
         total += float(llm(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
@@ -167,7 +195,8 @@ def lm_loss(llm, tokenizer, texts: list[str], batch_size: int = 64) -> float:
 
 
 def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, batch_size: int = 32,
-                            lr: float = 2e-3, seed: int = 0, log_every: int = 0) -> list[float]:
+                            lr: float = 2e-3, seed: int = 0, log_every: int = 0,
+                            context_tokens: int = 32) -> list[float]:
     """Plain next-token training of the LLM on ``corpus`` (AdamW, warm-up then cosine); returns losses."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -179,7 +208,7 @@ def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, ba
         return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    batches = _lm_batches(tokenizer, corpus, batch_size, rng)
+    batches = _lm_batches(tokenizer, corpus, batch_size, rng, context_tokens)
     llm.train()
     losses = []
     for step in range(steps):
@@ -244,11 +273,12 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
 
     rng = random.Random(seed)
     held_out = rng.sample(corpus, min(256, len(corpus)))
-    loss_before = lm_loss(model.language_model, llm_tok, held_out)
+    loss_before = lm_loss(model.language_model, llm_tok, held_out, context_tokens=num_query_tokens)
     losses = pretrain_language_model(model.language_model, llm_tok, corpus, steps=pretrain_steps,
                                      batch_size=batch_size, lr=lr, seed=seed,
-                                     log_every=max(1, pretrain_steps // 5) if verbose else 0)
-    loss_after = lm_loss(model.language_model, llm_tok, held_out)
+                                     log_every=max(1, pretrain_steps // 5) if verbose else 0,
+                                     context_tokens=num_query_tokens)
+    loss_after = lm_loss(model.language_model, llm_tok, held_out, context_tokens=num_query_tokens)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
