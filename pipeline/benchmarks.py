@@ -46,6 +46,7 @@ class Protocol:
     epochs: int = 10
     batch_size: int = 8
     frame_position_init: str = "zeros"  # the reference's; see MALMMConfig.frame_position_init
+    loss_reduction: str = "token"  # the reference's; see MALMMConfig.loss_reduction
     window_sec: int | None = None  # LVU: samples are windows cut from the cached video
     stride_sec: int | None = None
     paper: dict[str, float] = field(default_factory=dict)  # metric → paper value (MBC)
@@ -121,7 +122,9 @@ def _declare() -> dict[tuple[str, str], Protocol]:
                                      metrics, epochs=3, batch_size=32, lr=1e-3,
                                      # a zero PE never learns the order of stored frames; the
                                      # synthetic questions ask for it ("first", "next")
-                                     frame_position_init="sinusoidal")
+                                     frame_position_init="sinusoidal",
+                                     # one run trains all four task families: weigh samples, not tokens
+                                     loss_reduction="sample")
     return p
 
 

@@ -134,6 +134,7 @@ def train(
     num_frames: Optional[int] = typer.Option(None, "--num-frames", help="Frames per sample (default: the benchmark's)."),
     memory_length: Optional[int] = typer.Option(None, "--memory-length", "-L", help="Memory bank length L (default: the benchmark's)."),
     frame_position_init: Optional[str] = typer.Option(None, "--frame-position-init", help="Initial frame position embedding: zeros (the paper's code; memory then holds no frame order, since PE of stored frames never gets a gradient) | sinusoidal (default: the benchmark's)."),
+    loss_reduction: Optional[str] = typer.Option(None, "--loss-reduction", help="token (the reference's: mean over all target tokens of a batch) | sample (mean of per-sample means; for batches mixing tasks). Default: the benchmark's."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the benchmark's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split across workers)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the benchmark's)."),
@@ -156,7 +157,7 @@ def train(
     cfg = resolve(TrainConfig, "train", config, features=features, manifest=manifest, benchmark=benchmark, task=task,
                   out=out, model=model, memory=memory, visual_memory=visual_memory, query_memory=query_memory,
                   aggregation=aggregation, num_frames=num_frames, memory_length=memory_length,
-                  frame_position_init=frame_position_init, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
+                  frame_position_init=frame_position_init, loss_reduction=loss_reduction, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
                   num_workers=num_workers, use_gpu=use_gpu, checkpoint_every=checkpoint_every, keep_last=keep_last,
                   validate=validate, resume=resume, dry_run=dry_run, address=address)
     try:
@@ -255,7 +256,31 @@ def status(path: Path = typer.Argument(..., help="A features folder (from extrac
         if plan:
             typer.echo(f"  plan: {plan}")
         return
-    _fail(f"{path}: no ledger.parquet here; nothing to report")
+    if (path / "run.json").exists():  # a train run
+        run = json.loads((path / "run.json").read_text())
+        latest = json.loads((path / "latest.json").read_text()) if (path / "latest.json").exists() else None
+        typer.echo(f"{path}: train run of {run['config']['benchmark']} ({run['config']['memory']} memory), "
+                   f"{run['train_samples']} training samples, hp {run['hp']}")
+        if latest is None:
+            typer.echo("  no checkpoint yet; `malmm-pipeline train` with the same --out starts it")
+        else:
+            done = latest["epoch"] >= run["hp"]["epochs"]
+            typer.echo(f"  latest checkpoint {latest['checkpoint']}: epoch {latest['epoch']}/{run['hp']['epochs']}, "
+                       f"step {latest['global_step']}" + ("; finished" if done else "; re-run train to resume"))
+        if (path / "metrics.parquet").exists():
+            log = pd.read_parquet(path / "metrics.parquet")
+            if len(log):
+                typer.echo(f"  last logged loss {log.loss.iloc[-1]:.4f} at step {int(log.global_step.iloc[-1])}")
+        if not (path / "predictions").exists():
+            return
+    if (path / "predictions").exists():  # an infer run
+        for f in sorted((path / "predictions").glob("*.parquet")):
+            p = pd.read_parquet(f, columns=["task", "error"])
+            failed = int((p.error.fillna("") != "").sum())
+            typer.echo(f"{f}: {len(p)} predictions ({failed} failed) over tasks "
+                       f"{', '.join(sorted(set(p.task.fillna('')) - {''})) or '-'}")
+        return
+    _fail(f"{path}: neither a features folder (ledger.parquet) nor a run folder (run.json or predictions/)")
 
 
 def main():  # pragma: no cover

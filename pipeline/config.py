@@ -53,6 +53,7 @@ class TrainConfig:
     num_frames: int | None = None  # default: the benchmark's
     memory_length: int | None = None
     frame_position_init: str | None = None  # zeros | sinusoidal (default: the benchmark's)
+    loss_reduction: str | None = None  # token | sample (default: the benchmark's)
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None

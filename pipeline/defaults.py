@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config import malmm_home
 
-TINY_NAME = "tiny-instructblip-v3"  # bump when the tiny build changes
+TINY_NAME = "tiny-instructblip-v4"  # bump when the tiny build changes
 
 
 def tiny_dir() -> Path:
@@ -26,13 +26,16 @@ def ensure_tiny_default(*, pretrain_steps: int | None = None, quiet: bool = Fals
     with open(target.parent / f".{TINY_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
+            from pipeline.benchmarks import protocol
             from pipeline.model.tiny import build_tiny_instructblip
-            from pipeline.synth import lm_corpus
+            from pipeline.synth import frame_corpus, lm_corpus
             steps = pretrain_steps or int(os.environ.get("MALMM_TINY_PRETRAIN_STEPS", "0")) or None
             if not quiet:
                 print(f"building the tiny default model into {target} (once) …", flush=True)
-            kwargs = {"pretrain_steps": steps} if steps else {}
-            build_tiny_instructblip(target, lm_corpus(20000, seed=0), **kwargs)
+            kwargs = {"pretrain_steps": steps, "qformer_steps": max(50, steps // 2)} if steps else {}
+            frames = protocol("synthetic", "first_color").num_frames
+            build_tiny_instructblip(target, lm_corpus(20000, seed=0, num_frames=frames),
+                                    image_corpus=frame_corpus(6000, seed=0), **kwargs)
     return target
 
 

@@ -3,7 +3,7 @@ questions can only be answered with long-term memory.
 
 Every video is a sequence of K events (K = 4 … 6 by default) of equal length that fill
 the whole video. An event shows one object — a colour from :data:`COLOURS` and a shape
-from :data:`SHAPES`, drawn with numpy — moving in one of four directions over a plain
+from :data:`SHAPES`, drawn with numpy — drifting in one of four directions over a plain
 grey background. Events are long enough that uniform sampling of 16 or more frames over
 the video (or over an anticipation clip) hits every event at least twice.
 
@@ -290,13 +290,7 @@ def plan(videos: int, *, seconds: float = DEFAULT_SECONDS, seed: int = 0, fps: f
         k = int(rng.integers(k_min, k_max + 1))
         first, second, qa_shape = pinned[i]
         evs, qa_index = _plan_events(rng, k, first_colour=first, second=second, qa_shape=qa_shape)
-        bounds = [round(j * n_frames / k) for j in range(k + 1)]
-        for j, e in enumerate(evs):
-            e.update(index=j, start_frame=bounds[j], end_frame=bounds[j + 1],
-                     start_sec=bounds[j] / fps, end_sec=bounds[j + 1] / fps)
-        observed_last = bounds[k - 1] - bounds[k - 2]  # length of event K-2, the last one observed
-        gap = min(int(round(anticipation_sec * fps)), observed_last // 4)
-        observe_end = bounds[k - 1] - max(0, gap)
+        observe_end = _lay_out(evs, n_frames, fps, anticipation_sec)
         vid = f"v{i:05d}"
         out.append({
             "video_id": vid, "video": f"videos/{vid}.mp4", "split": split_of[i], "index": i, "seed": seed,
@@ -305,6 +299,20 @@ def plan(videos: int, *, seconds: float = DEFAULT_SECONDS, seed: int = 0, fps: f
             "observe_end_frame": observe_end, "observe_end_sec": observe_end / fps,
         })
     return out
+
+
+def _lay_out(evs: list[dict], n_frames: int, fps: float, anticipation_sec: float) -> int:
+    """Give the events equal consecutive spans of the video's frames (in place); return the frame
+    where ``next_event`` observation ends: ``anticipation_sec`` (at most a quarter of event K-2)
+    before the final event starts."""
+    k = len(evs)
+    bounds = [round(j * n_frames / k) for j in range(k + 1)]
+    for j, e in enumerate(evs):
+        e.update(index=j, start_frame=bounds[j], end_frame=bounds[j + 1],
+                 start_sec=bounds[j] / fps, end_sec=bounds[j + 1] / fps)
+    observed_last = bounds[k - 1] - bounds[k - 2]  # length of event K-2, the last one observed
+    gap = min(int(round(anticipation_sec * fps)), observed_last // 4)
+    return bounds[k - 1] - max(0, gap)
 
 
 def samples_of(video: dict) -> list[dict]:
@@ -358,6 +366,35 @@ def shape_mask(shape: str, s: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+#: object size as a fraction of the frame side (drawn per event)
+OBJECT_SIZE = (0.50, 0.55)
+#: how far an object drifts during its event, as a fraction of the free space around it. Small on
+#: purpose: a frozen random ViT (the tiny default) encodes shape only where the object is, so a
+#: shape that wanders over the whole frame is not linearly readable from its features (measured
+#: with linear probes on the tiny ViT's tokens, mean-pooled: 36 % shape accuracy at full travel, 78 % at
+#: 0.25, 93 % at 0.1; colour is 100 % at any travel).
+MOTION = 0.1
+
+
+def _draw_event(frames: np.ndarray, e: dict, rng: np.random.Generator) -> None:
+    """Draw event ``e`` (its object drifting in its direction) into ``frames[start_frame:end_frame]``."""
+    size = frames.shape[1]
+    s = int(round(size * rng.uniform(*OBJECT_SIZE)))
+    mask = shape_mask(e["shape"], s)
+    colour = np.array(COLOURS[e["colour"]], np.uint8)
+    lo, hi = 1, size - s - 1  # top-left corner range that keeps the object inside the frame
+    mid = (lo + hi) / 2
+    travel = MOTION * (hi - lo) / 2
+    across = mid + rng.uniform(-0.5, 0.5) * travel
+    n = e["end_frame"] - e["start_frame"]
+    sign = -1 if e["direction"] in ("left", "up") else 1
+    for j in range(n):
+        along = mid + sign * travel * (2 * (j + 0.5) / n - 1)
+        y, x = (across, along) if e["direction"] in ("left", "right") else (along, across)
+        y, x = int(round(y)), int(round(x))
+        frames[e["start_frame"] + j, y:y + s, x:x + s][mask] = colour
+
+
 def render_frames(video: dict) -> np.ndarray:
     """The RGB frames [T, size, size, 3] uint8 of a planned video (deterministic)."""
     size = video["size"]
@@ -365,24 +402,33 @@ def render_frames(video: dict) -> np.ndarray:
     grey = int(rng.integers(50, 91))
     frames = np.full((video["num_frames"], size, size, 3), grey, np.uint8)
     for e in video["events"]:
-        s = int(round(size * rng.uniform(0.38, 0.46)))
-        mask = shape_mask(e["shape"], s)
-        colour = np.array(COLOURS[e["colour"]], np.uint8)
-        lo, hi = 1, size - s - 1  # top-left corner range that keeps the object inside the frame
-        mid = (lo + hi) / 2
-        travel = (hi - lo) / 2
-        across = mid + rng.uniform(-0.5, 0.5) * travel
-        n = e["end_frame"] - e["start_frame"]
-        sign = -1 if e["direction"] in ("left", "up") else 1
-        for j in range(n):
-            along = mid + sign * travel * (2 * (j + 0.5) / n - 1)
-            if e["direction"] in ("left", "right"):
-                y, x = across, along
-            else:
-                y, x = along, across
-            y, x = int(round(y)), int(round(x))
-            frames[e["start_frame"] + j, y:y + s, x:x + s][mask] = colour
+        _draw_event(frames, e, rng)
     return frames
+
+
+def frame_corpus(n: int, *, seed: int = 0, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """``n`` single frames of random objects with (prompt, answer) pairs about them, for pretraining
+    the tiny default's Q-Former on images (as InstructBLIP is pretrained before MA-LMM starts from it).
+
+    An image is a static video of one event: its questions are the benchmark's, answered from the
+    one object: the first colour, the caption ``colour shape``, and the shape of the object of that
+    colour. Returns (frames ``[n, size, size, 3]`` uint8, [(prompt, answer)]).
+    """
+    rng = _rng(seed, 6)
+    frames = np.empty((n, size, size, 3), np.uint8)
+    pairs = []
+    kinds = ("first_color", "caption", "qa")
+    for i in range(n):
+        colour, shape = list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+        e = {"colour": colour, "shape": shape, "direction": DIRECTIONS[rng.integers(len(DIRECTIONS))],
+             "start_frame": 0, "end_frame": int(rng.integers(2, 12))}
+        clip = np.full((e["end_frame"], size, size, 3), int(rng.integers(50, 91)), np.uint8)
+        _draw_event(clip, e, rng)
+        frames[i] = clip[rng.integers(len(clip))]
+        task = kinds[i % len(kinds)]
+        answer = {"first_color": colour, "caption": f"{colour} {shape}", "qa": shape}[task]
+        pairs.append((render_prompt(task, question(task, colour)), answer))
+    return frames, pairs
 
 
 def _encode(path: Path, frames: np.ndarray, fps: float, gop: int) -> int:
@@ -524,25 +570,45 @@ def read_events(out_dir) -> list[dict]:
 # Text corpus for pretraining the tiny frozen LLM (DESIGN §2)
 # ----------------------------------------------------------------------------------------------
 
-def lm_corpus(n: int, *, seed: int = 0, events: tuple[int, int] = DEFAULT_EVENTS) -> list[str]:
+def sampled_events(video: dict, task: str, num_frames: int) -> list[dict]:
+    """The event shown at each of the ``num_frames`` frames a model sees of a row's clip.
+
+    The frames are those of uniform sampling over the clip (``uniform:num_frames``, the synthetic
+    protocol's extraction policy): the whole video, or for ``next_event`` the observed part.
+    """
+    from pipeline.sampling import SamplingPolicy, frame_indices
+
+    end = video["observe_end_sec"] if task == "next_event" else None
+    idx, _ = frame_indices(SamplingPolicy("uniform", num_frames), video["num_frames"], video["fps"],
+                           0.0 if end is not None else None, end)
+    starts = [e["start_frame"] for e in video["events"]]
+    return [video["events"][int(np.searchsorted(starts, i, side="right")) - 1] for i in idx]
+
+
+def lm_corpus(n: int, *, seed: int = 0, events: tuple[int, int] = DEFAULT_EVENTS, num_frames: int = 12,
+              seconds: tuple[float, ...] = (16.0, 20.0, 24.0, 30.0), fps: float = DEFAULT_FPS) -> list[str]:
     """``n`` texts that teach a language model to read and copy from its context.
 
-    Each text is the description of a random event sequence (the caption's words), `` . ``, the
-    rendered prompt of a random task and its answer, e.g.
-    ``red circle , blue square , green triangle , yellow cross , blue square . what colour was the
-    first object ? red``. For ``next_event`` the description stops before the final event, as the
-    row's clip does. Events follow the video rules (so the LLM also learns that the final event
-    repeats the second one); words are those of :func:`vocabulary`.
+    Each text is ``{frames} <s> {prompt} {answer}``: ``{frames}`` names the object of each of the
+    ``num_frames`` frames the model sees of a random video (``colour shape`` per frame, in order:
+    what the Q-Former has to write into the LLM's context), then the rendered prompt of a random
+    task and its answer, e.g. ``red circle red circle red circle blue square … <s> what colour was
+    the first object ? red``. The ``<s>`` marks where the video tokens end and the prompt begins
+    (see :func:`pipeline.model.tiny.encode_lm_text`). Videos follow the rules of :func:`plan` (so
+    the LLM also learns that the final event repeats the second one), with durations drawn from
+    ``seconds``; for ``next_event`` the frames cover the observed clip only, as the row's clip does.
     """
     rng = _rng(seed, 5)
     k_min, k_max = events
     texts = []
     for _ in range(n):
         k = int(rng.integers(k_min, k_max + 1))
+        n_frames = _frame_count(float(seconds[int(rng.integers(len(seconds)))]), fps)
         evs, qa_index = _plan_events(rng, k)
+        observe_end = _lay_out(evs, n_frames, fps, DEFAULT_ANTICIPATION_SEC)
         video = {"video_id": "x", "video": "", "split": "", "events": evs, "qa_index": qa_index,
-                 "observe_end_sec": 0.0}
+                 "num_frames": n_frames, "fps": fps, "observe_end_sec": observe_end / fps}
         row = samples_of(video)[int(rng.integers(len(TASKS)))]
-        seen = evs[:-1] if row["task"] == "next_event" else evs
-        texts.append(f"{describe(seen)} . <s> {render_prompt(row['task'], row['question'])} {row['answer']}")
+        seen = " ".join(f"{e['colour']} {e['shape']}" for e in sampled_events(video, row["task"], num_frames))
+        texts.append(f"{seen} <s> {render_prompt(row['task'], row['question'])} {row['answer']}")
     return texts

@@ -69,6 +69,7 @@ def plan(cfg: TrainConfig) -> dict:
         "num_frames": cfg.num_frames or proto.num_frames,
         "memory_length": cfg.memory_length or proto.memory_length,
         "frame_position_init": cfg.frame_position_init or proto.frame_position_init,
+        "loss_reduction": cfg.loss_reduction or proto.loss_reduction,
         "epochs": cfg.epochs or proto.epochs,
         "batch_size": cfg.batch_size or proto.batch_size,
         "lr": cfg.lr or proto.lr,
@@ -80,7 +81,7 @@ def malmm_config(cfg: TrainConfig, hp: dict):
     from pipeline.model.modeling_malmm import MALMMConfig
     return MALMMConfig(memory=cfg.memory, visual_memory=cfg.visual_memory, query_memory=cfg.query_memory,
                        memory_length=hp["memory_length"], max_frames=max(hp["num_frames"], 1),
-                       frame_position_init=hp["frame_position_init"],
+                       frame_position_init=hp["frame_position_init"], loss_reduction=hp["loss_reduction"],
                        aggregation=cfg.aggregation)
 
 

@@ -78,12 +78,13 @@ def test_tiny_loads_like_a_real_checkpoint(tiny_dir):
 
 
 def test_frame_position_init_zeros_or_sinusoidal(tiny_dir):
-    from pipeline.model.modeling_malmm import sinusoidal_table
+    from pipeline.model.modeling_malmm import SINUSOIDAL_AMPLITUDE, sinusoidal_table
 
     pe = load_malmm(tiny_dir, MALMMConfig(max_frames=12, frame_position_init="sinusoidal")).frame_position_embedding
     assert torch.equal(pe.detach(), sinusoidal_table(12, 64))
-    # every frame has its own row (the order of stored frames stays readable), of unit amplitude
-    assert torch.cdist(pe, pe).add(torch.eye(12) * 9).min() > 0.1 and pe.abs().max() <= 1.0
+    # every frame has its own row (the order of stored frames stays readable), of the documented amplitude
+    assert torch.cdist(pe, pe).add(torch.eye(12) * 99).min() > 0.3
+    assert torch.isclose(pe.abs().max(), torch.tensor(SINUSOIDAL_AMPLITUDE), atol=1e-3)
     with pytest.raises(ValueError, match="frame_position_init"):
         MALMMConfig(frame_position_init="random")
 
@@ -103,6 +104,29 @@ def test_lm_text_layout_puts_the_context_where_the_video_tokens_go(tiny_dir):
     plain, plain_labels = encode_lm_text(tok, "red circle moves left", 8)
     assert tok.convert_ids_to_tokens(plain) == ["<s>", "red", "circle", "moves", "left", "</s>"]
     assert plain_labels == plain
+
+
+def test_qformer_image_pretraining_trains_only_the_trainable_parts(tmp_path):
+    """The tiny builder's InstructBLIP-style stage: Q-Former, queries, projection and post layer norm
+    change; the ViT body and the LLM do not; load_malmm then starts from the pretrained parts."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    from pipeline import synth
+
+    before = build_tiny_instructblip(tmp_path / "plain", CORPUS, pretrain_steps=5)
+    after = build_tiny_instructblip(tmp_path / "pre", CORPUS, pretrain_steps=5,
+                                    image_corpus=synth.frame_corpus(300, seed=1), qformer_steps=4)
+    a = InstructBlipForConditionalGeneration.from_pretrained(before).state_dict()
+    b = InstructBlipForConditionalGeneration.from_pretrained(after).state_dict()
+    trainable = ("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm.")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(trainable) for k in changed)
+    assert any(k.startswith("qformer.") for k in changed) and "query_tokens" in changed
+    info = json.loads((after / "tiny_info.json").read_text())["qformer_pretraining"]
+    assert info["steps"] == 4 and 0.0 <= info["held_out_accuracy"] <= 1.0 and info["held_out"] == 256
+    model = load_malmm(after, MALMMConfig(max_frames=4))
+    torch.testing.assert_close(model.query_tokens.detach(), b["query_tokens"])
+    torch.testing.assert_close(model.ln_vision.weight.detach(), b["vision_model.post_layernorm.weight"])
 
 
 def test_vision_model_from_full_and_vision_only_dirs(tiny_dir, tmp_path):

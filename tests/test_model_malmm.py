@@ -239,6 +239,23 @@ def test_loss_is_on_target_tokens_only(tiny_dir):
     assert model.llm.training is False
 
 
+def test_sample_loss_reduction_weighs_every_sample_equally(tiny_dir):
+    token = make(tiny_dir, memory="mbc", memory_length=3)
+    sample = make(tiny_dir, memory="mbc", memory_length=3, loss_reduction="sample")
+    x = features(T=3)
+    targets = ["red", "up up down", "star"]
+    with torch.no_grad():
+        single = [token(features=x[i:i + 1], prompts=PROMPTS[i:i + 1], targets=targets[i:i + 1]).loss
+                  for i in range(3)]
+        batch = sample(features=x, prompts=PROMPTS, targets=targets).loss
+        # one sample: both reductions agree
+        one = sample(features=x[1:2], prompts=PROMPTS[1:2], targets=targets[1:2]).loss
+    torch.testing.assert_close(batch, torch.stack(single).mean(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(one, single[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        MALMMConfig(loss_reduction="mean")
+
+
 def test_train_mode_keeps_llm_frozen_in_eval(tiny_dir):
     model = make(tiny_dir).train()
     assert model.training and model.qformer.training and not model.llm.training

@@ -221,8 +221,10 @@ def test_corpus_uses_only_vocabulary_words_and_the_manifest_forms(manifest):
     seen = collections.Counter()
     for text in texts:
         assert set(text.split()) - {"<s>"} <= vocab, text
-        desc, rest = text.split(" . <s> ", 1)  # the description stands where the video tokens go
-        assert all(ev.split()[0] in synth.COLOURS and ev.split()[1] in synth.SHAPES for ev in desc.split(" , "))
+        frames, rest = text.split(" <s> ", 1)  # the frames stand where the video tokens go
+        words = frames.split()
+        assert len(words) == 2 * 12  # colour and shape of each of the 12 frames the model sees
+        assert all(c in synth.COLOURS and s in synth.SHAPES for c, s in zip(words[::2], words[1::2]))
         # each text goes on with a prompt exactly as the pipeline renders it
         seen.update(t for t, p in prompts.items() if rest.startswith(p))
     assert set(seen) == set(synth.TASKS) and min(seen.values()) > 50
@@ -230,11 +232,43 @@ def test_corpus_uses_only_vocabulary_words_and_the_manifest_forms(manifest):
         prompt = synth.render_prompt(row.task, row.question)
         assert set(prompt.split()) | set(row.answer.split()) <= vocab
         assert all(w == w.lower() for w in prompt.split() if w not in ("Question:", "Short"))
-    # the corpus states the rule the video follows: next_event's answer repeats the second event
     for text in texts:
-        if "what happens next ?" in text:
-            desc, answer = text.split(" . <s> what happens next ? ")
-            assert answer == desc.split(" , ")[1]
+        frames, rest = text.split(" <s> ", 1)
+        pairs = [" ".join(p) for p in zip(frames.split()[::2], frames.split()[1::2])]
+        events = [p for i, p in enumerate(pairs) if i == 0 or p != pairs[i - 1]]
+        if rest.startswith("what happens next ?"):  # the rule: the final event repeats the second
+            assert rest.split("? ")[1] == events[1]
+        elif rest.startswith("what colour was the first object ?"):
+            assert rest.split("? ")[1] == pairs[0].split()[0]
+        elif rest.startswith("what does the video describe ?"):
+            assert rest.split("? ")[1] == " , ".join(events)
+
+
+def test_sampled_events_follow_the_uniform_frames_of_the_rows_clip():
+    video = synth.plan(4, seconds=16, seed=2)[0]
+    whole = synth.sampled_events(video, "first_color", 12)
+    assert len(whole) == 12 and whole[0] is video["events"][0] and whole[-1] is video["events"][-1]
+    assert [e["index"] for e in whole] == sorted(e["index"] for e in whole)  # in order
+    assert {e["index"] for e in whole} == set(range(len(video["events"])))  # every event is seen
+    observed = synth.sampled_events(video, "next_event", 12)
+    assert observed[-1] is video["events"][-2]  # the anticipation clip stops before the final event
+
+
+def test_frame_corpus_pairs_answer_the_drawn_object():
+    frames, pairs = synth.frame_corpus(60, seed=4)
+    assert frames.shape == (60, synth.DEFAULT_SIZE, synth.DEFAULT_SIZE, 3) and frames.dtype == np.uint8
+    again, _ = synth.frame_corpus(60, seed=4)
+    assert np.array_equal(frames, again)
+    for frame, (prompt, answer) in zip(frames, pairs):
+        if prompt.startswith("what colour"):  # the frame holds pixels of exactly that colour
+            assert (frame == np.array(synth.COLOURS[answer], np.uint8)).all(-1).sum() > 50
+        elif prompt.startswith("what does"):
+            colour, shape = answer.split()
+            assert colour in synth.COLOURS and shape in synth.SHAPES
+        else:
+            colour = prompt.split()[5]
+            assert answer in synth.SHAPES and prompt == synth.render_prompt("qa", synth.question("qa", colour))
+            assert (frame == np.array(synth.COLOURS[colour], np.uint8)).all(-1).sum() > 50
 
 
 def test_too_short_videos_are_refused_with_a_clear_message(tmp_path):
