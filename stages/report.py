@@ -28,6 +28,8 @@ from pipeline.shards import atomic_path, write_parquet
 METRIC_SCHEMA = pa.schema([("run", pa.string()), ("benchmark", pa.string()), ("task", pa.string()),
                            ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()),
                            ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("fingerprint", pa.string())])
+PAPER_ROW = "MA-LMM (paper)"
+ABLATION_ROW_PREFIX = "paper ablation: "
 FAMILY_TITLES = {"classification": "Long-term video classification (top-1 / top-5 %)",
                  "qa": "Video question answering (top-1 / top-5 %)",
                  "caption": "Video captioning (×100)",
@@ -144,16 +146,21 @@ def family_tables(metrics: pd.DataFrame) -> dict[str, pd.DataFrame]:
                     paper.setdefault(f"__abl_{abl}", {})
                     paper[f"__abl_{abl}"][c] = (val, float("nan"), float("nan"))
         if any(not k.startswith("__abl_") for k in paper):
-            rows.append({"run": "MA-LMM (paper)", **{c: v for c, v in paper.items() if not c.startswith("__abl_")}})
+            rows.append({"run": PAPER_ROW, **{c: v for c, v in paper.items() if not c.startswith("__abl_")}})
         for k, v in paper.items():
             if k.startswith("__abl_"):
-                rows.append({"run": f"paper ablation: {k[6:]}", **v})
+                rows.append({"run": f"{ABLATION_ROW_PREFIX}{k[6:]}", **v})
         tables[fam] = rows
     return {fam: pd.DataFrame(rows) for fam, rows in tables.items()}
 
 
+def is_paper_row(run: str) -> bool:
+    """The published reference rows (never a run of ours, whatever the run is called)."""
+    return run == PAPER_ROW or str(run).startswith(ABLATION_ROW_PREFIX)
+
+
 def _best(df: pd.DataFrame, col: str) -> float | None:
-    vals = [v[0] for r, v in zip(df.run, df[col]) if isinstance(v, tuple) and not str(r).startswith(("paper", "MA-LMM"))]
+    vals = [v[0] for r, v in zip(df.run, df[col]) if isinstance(v, tuple) and not is_paper_row(r)]
     return max(vals) if vals else None
 
 
@@ -178,11 +185,11 @@ def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
                     cells_html.append("<td></td>")
                     continue
                 s = _fmt(*v)
-                is_best = best[c] is not None and v[0] == best[c] and not str(r.run).startswith(("paper", "MA-LMM"))
+                is_best = best[c] is not None and v[0] == best[c] and not is_paper_row(r.run)
                 cells_md.append(f"**{s}**" if is_best else s)
                 cells_html.append(f"<td class='{'best' if is_best else ''}'>{html.escape(s)}</td>")
             md.append(f"| {r.run} | " + " | ".join(cells_md) + " |")
-            cls = "paper" if str(r.run).startswith(("paper", "MA-LMM")) else ""
+            cls = "paper" if is_paper_row(r.run) else ""
             trs.append(f"<tr class='{cls}'><td>{html.escape(str(r.run))}</td>{''.join(cells_html)}</tr>")
         md.append("")
         body.append(f"<h2>{html.escape(FAMILY_TITLES.get(fam, fam))}</h2><table><thead><tr>{thead}</tr></thead>"

@@ -103,14 +103,20 @@ def bench_generation(args) -> list[dict]:
     model = load_malmm(ensure_tiny_default(), MALMMConfig(memory_length=proto.memory_length,
                                                            max_frames=proto.num_frames,
                                                            frame_position_init=proto.frame_position_init)).eval()
-    feats, prompts = load_inputs(model, args.samples, proto.num_frames, args.features)
-    settings = [("synthetic classification", protocol("synthetic", "first_color").generation),
-                ("synthetic QA", protocol("synthetic", "qa").generation),
-                ("synthetic caption", protocol("synthetic", "caption").generation),
-                ("LVU (rep. penalty 1.5)", protocol("lvu", "genre").generation)]
+    feats, _ = load_inputs(model, args.samples, proto.num_frames, args.features)
+    from pipeline import synth
+
+    def prompts_of(task):
+        return [synth.render_prompt(task, synth.question(task, "red"))] * len(feats)
+
+    settings = [("synthetic classification", protocol("synthetic", "first_color").generation, prompts_of("first_color")),
+                ("synthetic QA", protocol("synthetic", "qa").generation, prompts_of("qa")),
+                ("synthetic caption", protocol("synthetic", "caption").generation, prompts_of("caption")),
+                ("LVU settings (rep. penalty 1.5), caption prompt", protocol("lvu", "genre").generation,
+                 prompts_of("caption"))]
     rows = []
     with torch.inference_mode():
-        for name, gen in settings:
+        for name, gen, prompts in settings:
             timed_generate(model, feats[:args.batch], prompts[:args.batch], args.batch, gen)  # warm-up
             one, batched = [], []
             for _ in range(args.reps):
@@ -123,7 +129,8 @@ def bench_generation(args) -> list[dict]:
                    "one_s": t1, "batched_s": tb, "one_samples_per_s": len(feats) / t1,
                    "batched_samples_per_s": len(feats) / tb, "tokens_beam0": tok1,
                    "one_tokens_per_s": tok1 / t1, "batched_tokens_per_s": tokb / tb, "speedup": t1 / tb,
-                   "identical": beams1 == beamsb}
+                   "identical": beams1 == beamsb, "identical_beam0": [b[0] for b in beams1] == [b[0] for b in beamsb],
+                   "differing_samples": sum(a != b for a, b in zip(beams1, beamsb))}
             rows.append(row)
             print(f"{name}: batch 1 {row['one_samples_per_s']:.1f} samples/s, batch {args.batch} "
                   f"{row['batched_samples_per_s']:.1f} samples/s (x{row['speedup']:.2f}); identical beams: "
@@ -235,7 +242,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['setting']} | {g['num_beams']} / {g['num_return_sequences']} / {g['max_new_tokens']} | "
                      f"{r['one_samples_per_s']:.1f} | {r['one_tokens_per_s']:.0f} | {r['batched_samples_per_s']:.1f} | "
                      f"{r['batched_tokens_per_s']:.0f} | **x{r['speedup']:.2f}** | "
-                     f"{'yes' if r['identical'] else 'NO'} |")
+                     + ("yes |" if r["identical"] else
+                        f"beam 0: {'yes' if r['identical_beam0'] else 'no'}; {r['differing_samples']} samples differ |"))
     s = res["rescore"]
     lines += ["", "Tokens: generated tokens of beam 0 (eos excluded). Identical: the batched run returns exactly "
                   "the beams of the one-at-a-time run.", "",
