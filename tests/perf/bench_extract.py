@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine, save  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- 1. pipeline vs stages
@@ -212,14 +213,6 @@ def bench_vit(args, model_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg_start": os.getloadavg()}
-
-
 def markdown(res: dict) -> str:
     m, p, v = res["machine"], res["pipeline"], res["vit"]
     st = p["stages_s"]
@@ -270,15 +263,7 @@ def main(argv=None) -> int:
     print(f"pipeline {res['pipeline']['pipeline_s']:.1f} s; stages alone {res['pipeline']['stages_s']}", flush=True)
     res["vit"] = bench_vit(args, model_dir)
     res["wall_seconds"] = time.perf_counter() - t0
-    res["machine"]["load_avg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (out / f"extract{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(res)
-    (out / f"extract{suffix}.md").write_text(md)
-    print()
-    print(md)
+    save("extract", res, markdown, args.out, args.quick)
     return 0
 
 

@@ -22,9 +22,6 @@ reports/bench/infer.json and reports/bench/infer.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine, save  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- generation
@@ -217,14 +217,6 @@ def bench_rescore(args) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg_start": os.getloadavg()}
-
-
 def markdown(res: dict) -> str:
     m = res["machine"]
     dev = m["cuda"] or f"CPU, {m['torch_threads']} torch threads"
@@ -274,15 +266,7 @@ def main(argv=None) -> int:
     res["generation"] = bench_generation(args)
     res["rescore"] = bench_rescore(args)
     res["wall_seconds"] = time.perf_counter() - t0
-    res["machine"]["load_avg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (out / f"infer{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(res)
-    (out / f"infer{suffix}.md").write_text(md)
-    print()
-    print(md)
+    save("infer", res, markdown, args.out, args.quick)
     return 0
 
 

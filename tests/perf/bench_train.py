@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -43,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine, save  # noqa: E402
 
 
 class RawVideoDataset:
@@ -196,12 +197,6 @@ def bench(args) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()}
-
-
 def markdown(res: dict) -> str:
     m, c, r, s = res["machine"], res["cached"], res["raw"], res["train_stage"]
     lines = ["# Training benchmark", "",
@@ -243,15 +238,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res.update(bench(args))
     res["wall_seconds"] = time.perf_counter() - t0
-    res["machine"]["load_avg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (out / f"train{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(res)
-    (out / f"train{suffix}.md").write_text(md)
-    print()
-    print(md)
+    save("train", res, markdown, args.out, args.quick)
     return 0
 
 
