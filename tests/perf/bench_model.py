@@ -151,6 +151,35 @@ def worker_train(spec: dict) -> dict:
     return {"seconds_per_step": t, "samples_per_s": B / t, "peak_mb": max(peaks), "all_seconds": times}
 
 
+def worker_train_pair(spec: dict) -> dict:
+    """Time the prefix and the all-autograd loop on one model, interleaved step by step (drift and
+    load changes hit both alike); the flag only changes how steps 0..T-2 run, not the weights' use."""
+    import torch
+
+    T, B = spec["frames"], spec["batch"]
+    model = build_model("memory", "mbc", spec["memory_length"], max_frames=T).train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    x = torch.randn(B, T, P, C, generator=torch.Generator().manual_seed(0))
+    prompts, targets = [PROMPT] * B, ["red"] * B
+
+    def iteration(prefix: bool) -> float:
+        model.config.no_grad_prefix = prefix
+        t0 = time.perf_counter()
+        loss = model(features=x, prompts=prompts, targets=targets).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    iteration(True), iteration(False)  # warm-up: allocates the optimiser state
+    times = {True: [], False: []}
+    for _ in range(spec["reps"]):
+        for prefix in (True, False):
+            times[prefix].append(iteration(prefix))
+    return {"prefix_s": statistics.median(times[True]), "all_autograd_s": statistics.median(times[False]),
+            "prefix_all_s": times[True], "all_autograd_all_s": times[False]}
+
+
 # ----------------------------------------------------------------------------- driver side
 
 def _spawn(spec: dict, env: dict) -> dict:
@@ -210,7 +239,8 @@ def markdown(res: dict) -> str:
     lines += ["", "Peak MB = peak resident set during the run minus the resident set just before it "
                   "(model, optimiser state and inputs excluded), measured in a separate fresh process with a fixed "
                   "glibc mmap threshold (freed tensors leave the resident set). Times: fresh process, default "
-                  "allocator, median of the timed repetitions after a warm-up. The all-autograd loop also drops "
+                  "allocator, median of the timed repetitions after a warm-up; training steps with and without the "
+                  "prefix are timed on one model in one process, alternating step by step (9 each). The all-autograd loop also drops "
                   "each step's graph once the next step replaces its output (memory is detached), so the prefix "
                   "saves the autograd bookkeeping of one step at a time, not T steps of activations.", ""]
     return "\n".join(lines)
@@ -222,11 +252,13 @@ def main() -> None:
     ap.add_argument("--frames", default=None, help="comma-separated frame counts (default 20,100,300,1000)")
     ap.add_argument("--chunk", type=int, default=10, help="frames per streaming step() call")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench"))
+    ap.add_argument("--only", choices=("inference", "training"),
+                    help="re-measure one part; the other is kept from the existing results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        fn = worker_infer if spec["kind"] == "infer" else worker_train
+        fn = {"infer": worker_infer, "train": worker_train, "train_pair": worker_train_pair}[spec["kind"]]
         print(json.dumps(fn(spec)))
         return
 
@@ -235,7 +267,12 @@ def main() -> None:
     res = {"machine": machine(), "chunk": args.chunk, "quick": args.quick, "inference": [], "training": [],
            "train_batch": 2}
     t_start = time.perf_counter()
-    for T in frames:
+    previous = Path(args.out) / f"model{'-quick' if args.quick else ''}.json"
+    if args.only and previous.exists():
+        kept = json.loads(previous.read_text())
+        res["kept_from_previous_run"] = "training" if args.only == "inference" else "inference"
+        res[res["kept_from_previous_run"]] = kept[res["kept_from_previous_run"]]
+    for T in (frames if args.only != "training" else []):
         row = {"frames": T}
         for agg in ("memory", "concat"):
             key = "mbc" if agg == "memory" else "concat"
@@ -244,12 +281,18 @@ def main() -> None:
         res["inference"].append(row)
         print(f"frames {T:5d}: mbc {row['mbc']['seconds_per_video']:.2f} s {row['mbc']['peak_mb']:.0f} MB | concat "
               f"{row['concat']['seconds_per_video']:.2f} s {row['concat']['peak_mb']:.0f} MB", flush=True)
-    for T, L in ((20, 10), (100, 20)):
+    for T, L in (((20, 10), (100, 20)) if args.only != "inference" else ()):
         row = {"frames": T, "memory_length": L}
+        pair = _spawn({"kind": "train_pair", "frames": T, "memory_length": L, "batch": res["train_batch"],
+                       "reps": 3 if args.quick else 9}, dict(os.environ))
         for prefix in (True, False):
-            row["prefix" if prefix else "all_autograd"] = run_worker(
-                {"kind": "train", "frames": T, "memory_length": L, "prefix": prefix, "batch": res["train_batch"],
-                 "reps": 2 if args.quick else 3})
+            key = "prefix" if prefix else "all_autograd"
+            mem = _spawn({"kind": "train", "frames": T, "memory_length": L, "prefix": prefix,
+                          "batch": res["train_batch"], "reps": 1},
+                         {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 * 1024)})
+            step = pair[f"{key}_s"]
+            row[key] = {"seconds_per_step": step, "samples_per_s": res["train_batch"] / step,
+                        "all_seconds": pair[f"{key}_all_s"], "peak_mb": mem["peak_mb"]}
         res["training"].append(row)
         print(f"train T={T}: {row['prefix']['samples_per_s']:.2f} vs {row['all_autograd']['samples_per_s']:.2f} "
               f"samples/s; {row['prefix']['peak_mb']:.0f} vs {row['all_autograd']['peak_mb']:.0f} MB", flush=True)
