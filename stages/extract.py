@@ -168,8 +168,6 @@ class VisionEncoder:
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
         self.identity = model_identity(self.model, model_dir)
-        self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -177,8 +175,7 @@ class VisionEncoder:
         param_dtype = next(self.model.parameters()).dtype
         with torch.inference_mode():
             for i in range(0, len(frames), self.batch_size):  # fixed chunks per video: deterministic bits
-                x = torch.from_numpy(np.ascontiguousarray(frames[i:i + self.batch_size])).to(self.device)
-                x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+                x = pixel_values(torch.from_numpy(np.ascontiguousarray(frames[i:i + self.batch_size])).to(self.device))
                 h = pre_layernorm_features(self.model, x.to(param_dtype))
                 out.append(h.float().cpu().numpy().astype(self.dtype))
         return np.concatenate(out) if out else np.zeros((0,), self.dtype)
@@ -202,6 +199,14 @@ def _object_column(arrays: list) -> np.ndarray:
     for i, a in enumerate(arrays):
         col[i] = a
     return col
+
+
+def pixel_values(frames):
+    """uint8 RGB frames ``[N, H, W, 3]`` (a tensor) -> CLIP-normalised float ``[N, 3, H, W]`` on their device."""
+    import torch
+    mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1)
+    return (frames.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
 def pre_layernorm_features(vision_model, pixel_values):

@@ -253,11 +253,10 @@ def pretrain_qformer(model, llm_tok, qformer_tok, frames, pairs: list[tuple[str,
 
     from pipeline.model.checkpoint import hf_to_malmm_keys
     from pipeline.model.modeling_malmm import MALMM, MALMMConfig
-    from stages.extract import CLIP_MEAN, CLIP_STD, pre_layernorm_features
+    from stages.extract import pixel_values, pre_layernorm_features
 
     with torch.no_grad():  # the frozen ViT runs once over all frames
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
-        x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        x = pixel_values(torch.from_numpy(np.ascontiguousarray(frames)))
         feats = torch.cat([pre_layernorm_features(model.vision_model, x[i:i + 256]) for i in range(0, len(x), 256)])
     mm = MALMM(MALMMConfig(memory="none", max_frames=1, memory_length=1), model.config, model.language_model,
                llm_tok, qformer_tok)

@@ -180,16 +180,15 @@ def bench_vit(args, model_dir: str) -> dict:
         models.append((name, None, kw))
     rows = []
     for name, mdir, kw in models:
-        enc = VisionEncoder.__new__(VisionEncoder)
         if mdir:
-            VisionEncoder.__init__(enc, mdir, batch_size=64, dtype="float16")
+            enc = VisionEncoder(mdir, batch_size=64, dtype="float16")
             cfg = enc.model.config
         else:  # same encoder code, a model built in memory with random weights
             cfg = InstructBlipVisionConfig(**kw, initializer_range=0.02)
             tmpd = Path(tempfile.mkdtemp(prefix="bench-vit-"))
             torch.manual_seed(0)
             InstructBlipVisionModel(cfg).save_pretrained(tmpd)
-            VisionEncoder.__init__(enc, str(tmpd), batch_size=16, dtype="float16")
+            enc = VisionEncoder(str(tmpd), batch_size=16, dtype="float16")
             shutil.rmtree(tmpd, ignore_errors=True)
         n = 256 if mdir else (32 if "ViT-B" in name else 4)
         frames = np.random.default_rng(0).integers(0, 255, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)

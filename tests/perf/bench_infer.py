@@ -63,8 +63,7 @@ def load_inputs(model, n: int, num_frames: int, features_dir: str | None):
         from pipeline.model.checkpoint import load_vision_model
         from stages.extract import VisionEncoder
 
-        enc = VisionEncoder.__new__(VisionEncoder)  # the extract stage's encoder, without Ray
-        VisionEncoder.__init__(enc, str(tiny_dir()), batch_size=32, dtype="float16")
+        enc = VisionEncoder(str(tiny_dir()), batch_size=32, dtype="float16")
         size = load_vision_model(str(tiny_dir())).config.image_size
         rng = np.random.default_rng(0)
         feats = [torch.from_numpy(enc.encode(rng.integers(0, 255, (num_frames, size, size, 3), dtype=np.uint8))

@@ -148,8 +148,7 @@ def bench(args) -> dict:
         hp = train.plan(tcfg)["hp"]
         mcfg = train.malmm_config(tcfg, hp)
 
-        enc = VisionEncoder.__new__(VisionEncoder)  # the extract stage's encoder, without Ray
-        VisionEncoder.__init__(enc, model_dir, batch_size=64, dtype="float16")
+        enc = VisionEncoder(model_dir, batch_size=64, dtype="float16")
         size = extract._image_size(model_dir)
         paths = {}
         for name, ds in (("cached", SampleDataset(samples, features, proto.num_frames, train=True)),
