@@ -20,7 +20,7 @@ Tasks (one manifest row per video and task; one task of each family of DESIGN §
 task           family          question (manifest ``question`` column)      answer
 =============  ==============  ===========================================  ===================
 first_color    classification  what colour was the first object ?           colour of event 0
-qa             qa              what shape was the {colour} object ?         shape of event i,
+qa             qa              what shape was the object coloured {colour}  shape of event i,
                                                                             i in {0, 2 … K-2}
 caption        caption         what does the video describe ?               "red circle , blue
                                                                             square , …" (all K)
@@ -95,15 +95,22 @@ DIRECTIONS = ("left", "right", "up", "down")  # motion only; never part of a que
 #: the ``question`` column of each task ({colour} is filled in for qa)
 QUESTIONS = {
     "first_color": "what colour was the first object ?",
-    "qa": "what shape was the {colour} object ?",
+    # the key word ends the question: see PROMPTS
+    "qa": "what shape was the object coloured {colour}",
     "caption": "what does the video describe ?",
     "next_event": "what happens next ?",
 }
 
-#: prompt templates (task → template over {question}); the same as pipeline.benchmarks declares
+#: prompt templates (task → template over {question}); the same as pipeline.benchmarks declares.
+#: Every prompt is the bare question. The qa question ends with the colour it asks about, because
+#: the tiny default's 2-layer LLM reads an answer out of its context by content from the last
+#: prompt token: with the colour last it answered 100 % of qa texts with the true context after
+#: pretraining; with the colour 1 or 5 tokens before the end (``… coloured red ?`` or
+#: ``Question: what shape was the red object ? Short answer:``) 66 % and 55-61 % (measured; the
+#: extra positional hop is not learnt in a pretraining of minutes).
 PROMPTS = {
     "first_color": "{question}",
-    "qa": "Question: {question} Short answer:",
+    "qa": "{question}",
     "caption": "{question}",
     "next_event": "{question}",
 }
@@ -152,6 +159,12 @@ def render_prompt(task: str, question_text: str) -> str:
     return PROMPTS[task].format(question=question_text)
 
 
+def object_token(colour: str, shape: str) -> str:
+    """The one word that names an object in the tiny LLM's context (``red_circle``): one video
+    token per sampled frame (see :func:`lm_corpus`)."""
+    return f"{colour}_{shape}"
+
+
 def describe(events) -> str:
     """Events as the caption words use them: ``red circle , blue square , …``."""
     return " , ".join(f"{e['colour']} {e['shape']}" for e in events)
@@ -165,7 +178,7 @@ def vocabulary() -> list[str]:
     it works with either whitespace-only or punctuation-splitting pre-tokenization.
     """
     words: dict[str, None] = {}
-    texts = [*COLOURS, *SHAPES, ",", "."]
+    texts = [*COLOURS, *SHAPES, ",", ".", *(object_token(c, sh) for c in COLOURS for sh in SHAPES)]
     for task in TASKS:
         for colour in COLOURS:
             texts.append(render_prompt(task, question(task, colour)))
@@ -590,13 +603,19 @@ def lm_corpus(n: int, *, seed: int = 0, events: tuple[int, int] = DEFAULT_EVENTS
     """``n`` texts that teach a language model to read and copy from its context.
 
     Each text is ``{frames} <s> {prompt} {answer}``: ``{frames}`` names the object of each of the
-    ``num_frames`` frames the model sees of a random video (``colour shape`` per frame, in order:
-    what the Q-Former has to write into the LLM's context), then the rendered prompt of a random
-    task and its answer, e.g. ``red circle red circle red circle blue square … <s> what colour was
-    the first object ? red``. The ``<s>`` marks where the video tokens end and the prompt begins
-    (see :func:`pipeline.model.tiny.encode_lm_text`). Videos follow the rules of :func:`plan` (so
-    the LLM also learns that the final event repeats the second one), with durations drawn from
+    ``num_frames`` frames the model sees of a random video, one word per frame
+    (:func:`object_token`, in order: what the Q-Former has to write into the LLM's context, one
+    video token per frame), then the rendered prompt of a random task and its answer, e.g.
+    ``red_circle red_circle red_circle blue_square … <s> what colour was the first object ? red``.
+    The ``<s>`` marks where the video tokens end and the prompt begins (see
+    :func:`pipeline.model.tiny.encode_lm_text`). Videos follow the rules of :func:`plan` (so the
+    LLM also learns that the final event repeats the second one), with durations drawn from
     ``seconds``; for ``next_event`` the frames cover the observed clip only, as the row's clip does.
+
+    One word per frame, not ``colour shape``: the qa answer is then read by content (the frame
+    word that contains the asked colour), where two words per frame need an induction circuit
+    (find the colour, copy the word after it) that a 2-layer LLM did not learn in minutes of
+    pretraining (measured: 55 % qa accuracy with the true context, 100 % with one word per frame).
     """
     rng = _rng(seed, 5)
     k_min, k_max = events
@@ -609,6 +628,6 @@ def lm_corpus(n: int, *, seed: int = 0, events: tuple[int, int] = DEFAULT_EVENTS
         video = {"video_id": "x", "video": "", "split": "", "events": evs, "qa_index": qa_index,
                  "num_frames": n_frames, "fps": fps, "observe_end_sec": observe_end / fps}
         row = samples_of(video)[int(rng.integers(len(TASKS)))]
-        seen = " ".join(f"{e['colour']} {e['shape']}" for e in sampled_events(video, row["task"], num_frames))
+        seen = " ".join(object_token(e["colour"], e["shape"]) for e in sampled_events(video, row["task"], num_frames))
         texts.append(f"{seen} <s> {render_prompt(row['task'], row['question'])} {row['answer']}")
     return texts

@@ -25,11 +25,17 @@ class DemoSize:
     lr: float
     warmup_steps: int
     variants: tuple[str, ...]
+    #: torch threads of the training worker. One: at 8 samples a step a second thread gains ~10 % in
+    #: a quiet process, and under Ray (whose controller and driver share the 2 cores) 2 threads ran at
+    #: 0.21 s a step where 1 runs at 0.15 s (measured on the demo's features)
+    train_threads: int = 1
 
 
-# Sized for the 15-minute budget on 2 CPU cores (measured: tiny default ~4 min, synth + extract ~1.5 min,
-# each memory variant ~2.5 min of training at 0.6 s per step of 32 samples, inference ~40 s a variant).
-FULL = DemoSize(videos=1200, seconds=30, epochs=2, batch_size=32, lr=1e-3, warmup_steps=50,
+# Sized for the 15-minute budget on 2 CPU cores (measured: tiny default ~2 min, synth + extract ~1.5 min,
+# each memory variant ~3.5 min of training at ~0.16 s per step of 8 samples, no memory about 40 % of
+# that, inference ~35 s a variant). Small batches: in equal time more, smaller steps learn more (see
+# pipeline.benchmarks, the synthetic protocol).
+FULL = DemoSize(videos=1000, seconds=30, epochs=3, batch_size=8, lr=1e-3, warmup_steps=50,
                 variants=("mbc", "fifo", "none"))
 QUICK = DemoSize(videos=24, seconds=16, epochs=1, batch_size=8, lr=1e-3, warmup_steps=2, variants=("mbc", "none"))
 
@@ -75,7 +81,7 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
         tcfg = TrainConfig(features=str(features), manifest=manifest, benchmark="synthetic", out=str(run_dir / "train"),
                            memory=variant, epochs=n_epochs, batch_size=size.batch_size, lr=size.lr,
                            warmup_steps=size.warmup_steps, checkpoint_every=0, validate=False)
-        trained = train.run(tcfg, progress=progress)  # a finished run is detected and not re-trained
+        trained = train.run(tcfg, progress=progress, threads=size.train_threads)  # a finished run is not re-trained
         _step(f"train {variant}", t0)
         predicted = infer.run(InferConfig(checkpoint=str(run_dir / "train"), features=str(features),
                                           manifest=manifest, split="test", out=str(run_dir),

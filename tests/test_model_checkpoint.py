@@ -97,10 +97,11 @@ def test_lm_text_layout_puts_the_context_where_the_video_tokens_go(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     ids, labels = encode_lm_text(tok, "red circle , blue square . <s> what colour was the first object ? red", 8)
     words = tok.convert_ids_to_tokens(ids)
-    # context, filled to 8 positions with <image> (no loss there), then <s> prompt answer </s>
+    # context, filled to 8 positions with <image>, then <s> prompt answer </s>; the context is given,
+    # like video tokens: no loss on any of its 8 positions
     assert words[:8] == ["red", "circle", ",", "blue", "square", ".", "<image>", "<image>"]
     assert words[8] == "<s>" and words[-2:] == ["red", "</s>"]
-    assert labels[6:8] == [-100, -100] and labels[:6] == ids[:6] and labels[8:] == ids[8:]
+    assert labels[:8] == [-100] * 8 and labels[8:] == ids[8:]
     plain, plain_labels = encode_lm_text(tok, "red circle moves left", 8)
     assert tok.convert_ids_to_tokens(plain) == ["<s>", "red", "circle", "moves", "left", "</s>"]
     assert plain_labels == plain
@@ -114,16 +115,18 @@ def test_qformer_image_pretraining_trains_only_the_trainable_parts(tmp_path):
     from pipeline import synth
 
     before = build_tiny_instructblip(tmp_path / "plain", CORPUS, pretrain_steps=5)
-    after = build_tiny_instructblip(tmp_path / "pre", CORPUS, pretrain_steps=5,
-                                    image_corpus=synth.frame_corpus(300, seed=1), qformer_steps=4)
+    after = build_tiny_instructblip(tmp_path / "pre", CORPUS, pretrain_steps=5, num_query_tokens=6,
+                                    image_corpus=synth.frame_corpus(300, seed=1), qformer_steps=4,
+                                    qformer_frame_positions=6)
     a = InstructBlipForConditionalGeneration.from_pretrained(before).state_dict()
     b = InstructBlipForConditionalGeneration.from_pretrained(after).state_dict()
     trainable = ("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm.")
-    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    changed = {k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])}
     assert changed and all(k.startswith(trainable) for k in changed)
     assert any(k.startswith("qformer.") for k in changed) and "query_tokens" in changed
     info = json.loads((after / "tiny_info.json").read_text())["qformer_pretraining"]
     assert info["steps"] == 4 and 0.0 <= info["held_out_accuracy"] <= 1.0 and info["held_out"] == 256
+    assert info["frame_positions"] == 6 and b["query_tokens"].shape[1] == 6
     model = load_malmm(after, MALMMConfig(max_frames=4))
     torch.testing.assert_close(model.query_tokens.detach(), b["query_tokens"])
     torch.testing.assert_close(model.ln_vision.weight.detach(), b["vision_model.post_layernorm.weight"])

@@ -175,6 +175,21 @@ def test_memory_none_is_last_frame_only(tiny_dir):
     torch.testing.assert_close(model.readout(state), model.readout(alone), atol=0, rtol=0)
 
 
+def test_first_frame_places_a_clip_in_the_position_table(tiny_dir):
+    """encode_video(first_frame=t) reads the clip as frames t, t+1 …: a single frame at t equals the
+    last frame of a memory-less pass over t+1 frames, and differs from the same frame at 0."""
+    model = make(tiny_dir, memory="none")
+    x = features(T=4)
+    with torch.no_grad():
+        at_3 = model.encode_video(x[:, 3:], PROMPTS, first_frame=3)
+        whole = model.encode_video(x, PROMPTS)  # no memory: the readout sees frame 3 at position 3
+        at_0 = model.encode_video(x[:, 3:], PROMPTS)
+    torch.testing.assert_close(at_3, whole, atol=0, rtol=0)
+    assert not torch.allclose(at_0, at_3, atol=1e-4)
+    with pytest.raises(ValueError, match="max_frames"):
+        model.encode_video(x, PROMPTS, first_frame=30)
+
+
 def test_max_frames_is_a_clear_error(tiny_dir):
     model = make(tiny_dir, max_frames=4)
     with torch.no_grad():

@@ -101,8 +101,8 @@ def test_answers_follow_events(manifest, events):
         if row.task == "first_color":
             assert row.answer == evs[0]["colour"]
         elif row.task == "qa":
-            colour = row.question.split()[4]
-            assert row.question == f"what shape was the {colour} object ?"
+            colour = row.question.split()[-1]
+            assert row.question == f"what shape was the object coloured {colour}"
             refs = [e for e in evs if e["colour"] == colour]
             assert len(refs) == 1, "the question's referent must be unique"
             assert refs[0]["index"] not in (1, len(evs) - 1)
@@ -209,8 +209,8 @@ def test_prompts_match_the_benchmark_registry():
 
     for task in synth.TASKS:
         assert protocol("synthetic", task).prompt == synth.PROMPTS[task]
-    assert synth.render_prompt("qa", synth.question("qa", "red")) == \
-        "Question: what shape was the red object ? Short answer:"
+    # the qa prompt ends with the colour it asks about (the tiny LLM reads by content from there)
+    assert synth.render_prompt("qa", synth.question("qa", "red")) == "what shape was the object coloured red"
 
 
 def test_corpus_uses_only_vocabulary_words_and_the_manifest_forms(manifest):
@@ -223,18 +223,18 @@ def test_corpus_uses_only_vocabulary_words_and_the_manifest_forms(manifest):
         assert set(text.split()) - {"<s>"} <= vocab, text
         frames, rest = text.split(" <s> ", 1)  # the frames stand where the video tokens go
         words = frames.split()
-        assert len(words) == 2 * 12  # colour and shape of each of the 12 frames the model sees
-        assert all(c in synth.COLOURS and s in synth.SHAPES for c, s in zip(words[::2], words[1::2]))
+        assert len(words) == 12  # one word per frame the model sees: its object, colour_shape
+        assert all(w.split("_")[0] in synth.COLOURS and w.split("_")[1] in synth.SHAPES for w in words)
         # each text goes on with a prompt exactly as the pipeline renders it
         seen.update(t for t, p in prompts.items() if rest.startswith(p))
     assert set(seen) == set(synth.TASKS) and min(seen.values()) > 50
     for row in manifest.itertuples():
         prompt = synth.render_prompt(row.task, row.question)
         assert set(prompt.split()) | set(row.answer.split()) <= vocab
-        assert all(w == w.lower() for w in prompt.split() if w not in ("Question:", "Short"))
+        assert all(w == w.lower() for w in prompt.split())
     for text in texts:
         frames, rest = text.split(" <s> ", 1)
-        pairs = [" ".join(p) for p in zip(frames.split()[::2], frames.split()[1::2])]
+        pairs = [w.replace("_", " ") for w in frames.split()]
         events = [p for i, p in enumerate(pairs) if i == 0 or p != pairs[i - 1]]
         if rest.startswith("what happens next ?"):  # the rule: the final event repeats the second
             assert rest.split("? ")[1] == events[1]
@@ -242,6 +242,10 @@ def test_corpus_uses_only_vocabulary_words_and_the_manifest_forms(manifest):
             assert rest.split("? ")[1] == pairs[0].split()[0]
         elif rest.startswith("what does the video describe ?"):
             assert rest.split("? ")[1] == " , ".join(events)
+        else:  # qa: the shape of the one frame object of the colour the prompt ends with
+            prompt, answer = rest.rsplit(" ", 1)
+            assert prompt.startswith("what shape was the object coloured ")
+            assert {p.split()[1] for p in pairs if p.split()[0] == prompt.split()[-1]} == {answer}
 
 
 def test_sampled_events_follow_the_uniform_frames_of_the_rows_clip():
@@ -266,7 +270,7 @@ def test_frame_corpus_pairs_answer_the_drawn_object():
             colour, shape = answer.split()
             assert colour in synth.COLOURS and shape in synth.SHAPES
         else:
-            colour = prompt.split()[5]
+            colour = prompt.split()[-1]
             assert answer in synth.SHAPES and prompt == synth.render_prompt("qa", synth.question("qa", colour))
             assert (frame == np.array(synth.COLOURS[colour], np.uint8)).all(-1).sum() > 50
 

@@ -490,9 +490,11 @@ class MALMM(nn.Module):
                           device=state.instruction_mask.device)
         return torch.cat([ones, state.instruction_mask], dim=1)
 
-    def encode_video(self, features: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def encode_video(self, features: torch.Tensor, prompts: list[str], first_frame: int = 0) -> torch.Tensor:
         """Whole videos -> the LLM's video tokens ``[B, Nq, H_llm]`` (only the last step is projected).
 
+        ``first_frame``: the frame position of ``features[:, 0]`` (0: the clip is the whole input;
+        the tiny builder's image pretraining shows single frames at random positions).
         With ``no_grad_prefix`` and autograd on, steps 0..T-2 run under ``torch.no_grad``: they only
         build (detached) memory, so the gradients equal those of an all-autograd loop.
         """
@@ -501,6 +503,8 @@ class MALMM(nn.Module):
         if len(prompts) != features.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for a batch of {features.shape[0]} videos")
         state = self.init_state(prompts)
+        if first_frame:
+            state = state.evolve(frames_seen=int(first_frame))
         if self.config.no_grad_prefix and torch.is_grad_enabled() and features.shape[1] > 1:
             with torch.no_grad():
                 state = self.step(state, features[:, :-1])
@@ -523,11 +527,12 @@ class MALMM(nn.Module):
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
-    def forward(self, features: torch.Tensor, prompts: list[str], targets: list[str]) -> MALMMOutput:
+    def forward(self, features: torch.Tensor, prompts: list[str], targets: list[str],
+                first_frame: int = 0) -> MALMMOutput:
         """Training loss: the LLM reads [video tokens][prompt][target + eos]; loss on target tokens only."""
         if len(targets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        video = self.encode_video(features, prompts)
+        video = self.encode_video(features, prompts, first_frame)
         B, Nq = video.shape[:2]
         rows = []
         for p, t in zip(prompts, targets):
@@ -561,7 +566,7 @@ class MALMM(nn.Module):
     @torch.no_grad()
     def generate(self, features: torch.Tensor, prompts: list[str], num_beams: int = 5, max_new_tokens: int = 30,
                  min_new_tokens: int = 1, repetition_penalty: float = 1.5, length_penalty: float = 1.0,
-                 num_return_sequences: int = 1, return_num_tokens: bool = False):
+                 num_return_sequences: int = 1, return_num_tokens: bool = False, first_frame: int = 0):
         """Beam search (no sampling) for a batch of videos; the LLM reads [video tokens][prompt].
 
         Batched with left padding ([pad][video tokens][prompt]); padding is masked, so a batch
@@ -574,7 +579,7 @@ class MALMM(nn.Module):
         """
         from transformers import GenerationConfig
 
-        video = self.encode_video(features, prompts)
+        video = self.encode_video(features, prompts, first_frame)
         B, Nq = video.shape[:2]
         embed = self.llm.get_input_embeddings()
         prompt_ids = [self._prompt_ids(p) for p in prompts]
