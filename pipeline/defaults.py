@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config import malmm_home
 
-TINY_NAME = "tiny-instructblip-v5"  # bump when the tiny build changes
+TINY_NAME = "tiny-instructblip-v6"  # bump when the tiny build changes
 
 
 def tiny_dir() -> Path:

@@ -149,7 +149,10 @@ def train_loop(loop_cfg: dict) -> None:
     steps_per_epoch = len(samples) // global_bs or 1
     opt_steps_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
     total = opt_steps_per_epoch * hp["epochs"]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=hp["lr"], betas=(0.9, 0.999))
+    # the fused kernel: one pass over all tensors (the default loops per tensor: 7 ms a step for the
+    # tiny default's 112 tensors against 1.3 ms, measured on a CPU); the same update up to rounding
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=hp["lr"], betas=(0.9, 0.999),
+                                  fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None}
     log_rows: list[dict] = []
@@ -329,7 +332,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None = None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, progress_desc: str = "train", progress_position: int | None = None) -> dict:
+    """Train (or resume) one run; returns its folder, final metrics and checkpoint.
+
+    ``threads``: torch threads of each worker (default: the machine's CPUs over the workers).
+    ``progress_desc`` / ``progress_position``: the progress bar's label and line, so that runs
+    trained at the same time from one driver (the demo's variants) each keep their own bar.
+    """
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -376,13 +385,14 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
                              ),
     )
     total_steps = max(1, (len(p["train"].samples) // hp["batch_size"]) // cfg.grad_accum) * hp["epochs"]
-    result = _fit_with_progress(trainer, run_dir, total_steps, progress)
+    result = _fit_with_progress(trainer, run_dir, total_steps, progress, progress_desc, progress_position)
     if result.error:
         raise result.error
     return {"run_dir": str(run_dir), "metrics": result.metrics, "checkpoint": str(latest_checkpoint(run_dir))}
 
 
-def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool):
+def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool, desc: str = "train",
+                       position: int | None = None):
     """Run ``trainer.fit()`` while a tqdm bar follows the ``progress.json`` that rank 0 writes each step."""
     import threading
 
@@ -399,7 +409,7 @@ def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool)
     thread = threading.Thread(target=fit, daemon=True)
     (run_dir / "progress.json").unlink(missing_ok=True)
     thread.start()
-    bar = tqdm(total=total_steps, unit="step", desc="train", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=total_steps, unit="step", desc=desc, file=sys.stderr, disable=not progress, position=position)
     while thread.is_alive():
         thread.join(0.5)
         try:

@@ -129,6 +129,27 @@ def test_mbc_bank_is_compress_of_appended():
     assert torch.equal(pushed.slots, expect[0]) and torch.equal(pushed.sizes, expect[1])
 
 
+@pytest.mark.parametrize("policy", ["mbc", "fifo"])
+def test_cached_projections_follow_the_slots(policy):
+    """A bank's cache (keys / values) stays the projection of its slots through appends, FIFO drops
+    and MBC merges (merging commutes with an affine map)."""
+    torch.manual_seed(5)
+    proj = torch.nn.Linear(4, 6)
+    bank = None
+    with torch.no_grad():
+        for t in range(9):
+            x = torch.randn(2, 3, 4)
+            bank = push(bank, x, policy, 3, cache=torch.cat([proj(x), 2 * x], dim=-1))
+            assert bank.cache.shape == (2, bank.length, 3, 10)
+            torch.testing.assert_close(bank.cache[..., :6], proj(bank.slots), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(bank.cache[..., 6:], 2 * bank.slots, atol=1e-6, rtol=1e-5)
+        assert bank.sizes.sum().item() == (2 * 3 * 9 if policy == "mbc" else 2 * 3 * 3)
+        # an entry without a cache leaves the bank without one (it is recomputed when needed)
+        assert push(bank, torch.randn(2, 3, 4), policy, 3).cache is None
+    with pytest.raises(ValueError, match="rider"):
+        compress(torch.randn(1, 3, 2, 4), torch.ones(1, 3, 2), torch.randn(1, 2, 2, 4))
+
+
 def test_none_policy_keeps_nothing():
     assert push(None, torch.randn(1, 2, 3), "none", 5) is None
     with pytest.raises(ValueError):

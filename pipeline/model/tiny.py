@@ -223,7 +223,7 @@ def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, ba
                             context_tokens: int = 32) -> list[float]:
     """Plain next-token training of the LLM on ``corpus`` (AdamW, warm-up then cosine); returns losses."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
     batches = _lm_batches(tokenizer, corpus, batch_size, rng, context_tokens)
     llm.train()
@@ -283,7 +283,7 @@ def pretrain_qformer(model, llm_tok, qformer_tok, frames, pairs: list[tuple[str,
     n_train = len(feats) - held_out
     gen = torch.Generator().manual_seed(seed)
     params = mm.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.05, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
     mm.train()
     losses = []
