@@ -35,8 +35,8 @@ class DemoSize:
 
 
 # Sized for the 15-minute budget on 2 CPU cores: MBC trains on one core while FIFO and then no memory
-# train on the other (measured side by side: 0.24 s a step of 8 samples with MBC, 0.21 s with FIFO,
-# 0.06 s without memory); the tiny default's build, synth and extract take ~4 minutes before, inference
+# train on the other (measured side by side: 0.21-0.24 s a step of 8 samples with MBC, 0.18-0.21 s
+# with FIFO, 0.06 s without memory); the tiny default's build, synth and extract take ~4 minutes before, inference
 # and the report ~1 minute after. 5 epochs = 2000 steps a variant. The synthetic protocol's 7 epochs
 # (`demo --epochs 7`) learn more but ran 17 min 55 s (see the README).
 FULL = DemoSize(videos=1000, seconds=30, epochs=5, batch_size=8, lr=1.5e-3, warmup_steps=50,
@@ -58,7 +58,8 @@ def train_and_predict(jobs: dict[str, tuple[TrainConfig, InferConfig]], *, threa
 
     Each run is its own Ray Train run (its own worker and controller) on the one embedded
     cluster. On 2 CPUs two variants train side by side; when one ends, its inference and the
-    next variant's training take its place. Returns per variant ``{"train": …, "infer": …}``;
+    next variant's training take its place. Returns per variant ``{"train": …, "infer": …,
+    "train_started": …, "train_ended": …}`` (the stage results, and wall-clock times);
     the first failure is raised once every variant has ended, so what the others computed is kept.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -70,14 +71,16 @@ def train_and_predict(jobs: dict[str, tuple[TrainConfig, InferConfig]], *, threa
     parallel = max(1, min(len(jobs), cpus // max(1, threads)))
 
     def one(i: int, variant: str, tcfg: TrainConfig, icfg: InferConfig) -> dict:
+        started = time.time()
         trained = train.run(tcfg, progress=progress, threads=threads, progress_desc=f"train {variant}",
                             progress_position=i % parallel if parallel > 1 else None)
+        trained_at = time.time()
         if done:
             done(variant, "train")
         predicted = infer.run(icfg, progress=progress and parallel == 1)
         if done:
             done(variant, "infer")
-        return {"train": trained, "infer": predicted}
+        return {"train": trained, "infer": predicted, "train_started": started, "train_ended": trained_at}
 
     results: dict[str, dict] = {}
     errors = []
@@ -97,13 +100,13 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
         progress: bool = True, report_dir: Path | None = None) -> dict:
     from pipeline import synth
     from pipeline.defaults import ensure_tiny_default
-    from stages import extract, infer, report
+    from stages import extract, report
 
     size = QUICK if quick else FULL
     n_videos = videos or size.videos
     n_epochs = epochs or size.epochs
     out = Path(out)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     ensure_tiny_default()
     _step("tiny default model", t0)
 
@@ -135,7 +138,8 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
     results = train_and_predict(jobs, threads=size.train_threads, progress=progress,
                                 done=lambda v, stage: _step(f"{stage} {v}", t0))
     for variant, r in results.items():
-        record[variant] = {"trained": not r["train"].get("skipped", False), "predicted": r["infer"]["predicted"]}
+        record[variant] = {"trained": not r["train"].get("skipped", False), "predicted": r["infer"]["predicted"],
+                           "train_seconds": [r["train_started"] - t0_wall, r["train_ended"] - t0_wall]}
     runs = [str(out / "runs" / variant) for variant in size.variants]
 
     rdir = report_dir or out / "reports"

@@ -24,6 +24,8 @@ def test_demo_quick_chain_and_rerun_reuses_everything(tmp_path, tiny_model, ray_
     assert scored.ci_low.notna().all() and scored.ci_high.notna().all()  # every score has its interval
     assert res["stages"]["extract"]["processed_videos"] > 0
     assert all(res["stages"][v]["trained"] and res["stages"][v]["predicted"] > 0 for v in ("mbc", "none"))
+    (a0, a1), (b0, b1) = res["stages"]["mbc"]["train_seconds"], res["stages"]["none"]["train_seconds"]
+    assert a0 < b1 and b0 < a1  # on 2 CPUs the two variants train side by side
 
     again = demo.run(tmp_path, quick=True, progress=False)
     assert again["stages"]["extract"]["processed_videos"] == 0
