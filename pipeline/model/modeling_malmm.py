@@ -46,8 +46,10 @@ AGGREGATIONS = ("memory", "concat", "avgpool")
 #: size. Measured on a CPU, 1 thread (tests/perf/bench_kv_cache.py): the real Q-Former (1408-wide
 #: ViT-g features, 257 tokens, 12 layers) read one video of 24 frames x2.3 (L = 10) and x3.0 (L = 20)
 #: faster with it; a training step of the tiny default (64 wide, 17 tokens, 4 layers) ran x0.93 as
-#: fast with MBC, x0.99 with FIFO.
-KV_CACHE_MIN_WIDTH = 256
+#: fast with MBC, x0.99 with FIFO. At 256 wide (tests/perf/bench_model.py's mid-size model) a
+#: 1000-frame video took 34.3 s with it against 36.7 s without (separate runs) and twice the peak
+#: memory (85 against 41 MB, constant in frames either way): not worth it below 512.
+KV_CACHE_MIN_WIDTH = 512
 
 FRAME_POSITION_INITS = ("zeros", "sinusoidal")
 LOSS_REDUCTIONS = ("token", "sample")
