@@ -137,10 +137,7 @@ def push(bank: Bank | None, entry: torch.Tensor, policy: str, length: int,
                     torch.cat([bank.sizes, ones.unsqueeze(1)], dim=1), new_cache)
     if bank.length > length:
         if policy == "mbc":
-            if bank.cache is None:
-                bank = Bank(*compress(bank.slots, bank.sizes))
-            else:
-                bank = Bank(*compress(bank.slots, bank.sizes, bank.cache))
+            bank = Bank(*compress(bank.slots, bank.sizes, *(() if bank.cache is None else (bank.cache,))))
         else:  # fifo
             bank = Bank(bank.slots[:, 1:], bank.sizes[:, 1:], None if bank.cache is None else bank.cache[:, 1:])
     return bank
