@@ -225,12 +225,13 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the demo's data, features, runs and reports."),
     videos: Optional[int] = typer.Option(None, "--videos", help="Synthetic videos to generate."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per variant."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed of every variant (default: train's)."),
     quick: bool = typer.Option(False, "--quick", help="A small, fast version of the chain (what CI runs)."),
 ):
     """The whole chain on the built-in synthetic benchmark: synth → extract → train (MBC, FIFO, no memory) → infer → report."""
     from stages import demo as stage
 
-    res = stage.run(out, videos=videos, epochs=epochs, quick=quick)
+    res = stage.run(out, videos=videos, epochs=epochs, seed=seed, quick=quick)
     typer.echo(f"demo: leaderboard → {res['leaderboard']}")
 
 

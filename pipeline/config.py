@@ -15,7 +15,7 @@ from pathlib import Path
 
 def malmm_home() -> Path:
     """Cache directory for the embedded default models (``$MALMM_HOME``, else ~/.cache/malmm-pipeline)."""
-    return Path(os.environ.get("MALMM_HOME") or Path.home() / ".cache" / "malmm-pipeline")
+    return Path(os.environ.get("MALMM_HOME") or Path.home() / ".cache" / "malmm-pipeline").expanduser().resolve()
 
 
 @dataclass

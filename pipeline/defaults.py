@@ -52,4 +52,4 @@ def resolve_model_dir(model: str) -> Path:
         raise FileNotFoundError(
             f"model directory {path} has no config.json; pass a local InstructBLIP directory saved with "
             f"save_pretrained (e.g. a copy of Salesforce/instructblip-vicuna-7b) or 'tiny'")
-    return path
+    return path.resolve()  # absolute: Ray workers do not run in the driver's folder

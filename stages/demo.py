@@ -96,8 +96,14 @@ def train_and_predict(jobs: dict[str, tuple[TrainConfig, InferConfig]], *, threa
     return results
 
 
-def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quick: bool = False,
-        progress: bool = True, report_dir: Path | None = None) -> dict:
+def run(out: Path, *, videos: int | None = None, epochs: int | None = None, seed: int | None = None,
+        quick: bool = False, progress: bool = True, report_dir: Path | None = None) -> dict:
+    """Run the chain into ``out``. ``seed``: the training seed of every variant (default: train's).
+
+    Runs with the default epochs and seed live in ``out/runs/{variant}``, others in
+    ``out/runs/epochs{E}-seed{S}/{variant}``, so that changing either trains anew and switching
+    back re-scores what is there.
+    """
     from pipeline import synth
     from pipeline.defaults import ensure_tiny_default
     from stages import extract, report
@@ -105,6 +111,10 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
     size = QUICK if quick else FULL
     n_videos = videos or size.videos
     n_epochs = epochs or size.epochs
+    n_seed = TrainConfig.seed if seed is None else seed
+    runs_root = out / "runs"
+    if (n_epochs, n_seed) != (size.epochs, TrainConfig.seed):
+        runs_root = runs_root / f"epochs{n_epochs}-seed{n_seed}"
     out = Path(out)
     t0, t0_wall = time.perf_counter(), time.time()
     ensure_tiny_default()
@@ -128,11 +138,11 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
     record = {"extract": {"processed_videos": res.processed_videos, "reused_videos": res.skipped_videos}}
     jobs = {}
     for variant in size.variants:
-        run_dir = out / "runs" / variant
+        run_dir = runs_root / variant
         jobs[variant] = (
             TrainConfig(features=str(features), manifest=manifest, benchmark="synthetic", out=str(run_dir / "train"),
                         memory=variant, epochs=n_epochs, batch_size=size.batch_size, lr=size.lr,
-                        warmup_steps=size.warmup_steps, checkpoint_every=0, validate=False),
+                        warmup_steps=size.warmup_steps, seed=n_seed, checkpoint_every=0, validate=False),
             InferConfig(checkpoint=str(run_dir / "train"), features=str(features), manifest=manifest, split="test",
                         out=str(run_dir), label=VARIANT_LABELS[variant], batch_size=32))
     results = train_and_predict(jobs, threads=size.train_threads, progress=progress,
@@ -140,7 +150,7 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, quic
     for variant, r in results.items():
         record[variant] = {"trained": not r["train"].get("skipped", False), "predicted": r["infer"]["predicted"],
                            "train_seconds": [r["train_started"] - t0_wall, r["train_ended"] - t0_wall]}
-    runs = [str(out / "runs" / variant) for variant in size.variants]
+    runs = [str(runs_root / variant) for variant in size.variants]
 
     rdir = report_dir or out / "reports"
     rep = report.run(runs, str(rdir))

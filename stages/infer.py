@@ -149,7 +149,8 @@ def _resolve_model(cfg: InferConfig) -> tuple[str, str | None, dict, int | None]
     from pipeline.defaults import resolve_model_dir
     from pipeline.model.modeling_malmm import MALMMConfig
 
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    # absolute: the Ray actors that load them do not run in the driver's folder
+    ckpt = Path(cfg.checkpoint).resolve() if cfg.checkpoint else None
     if ckpt and ckpt.is_dir() and (ckpt / "latest.json").exists():  # a training run folder: its latest checkpoint
         ckpt = ckpt / "checkpoints" / json.loads((ckpt / "latest.json").read_text())["checkpoint"]
     if ckpt and ckpt.is_dir() and (ckpt / "malmm_config.json").exists():  # our checkpoint

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +331,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return names[-1] if names else None
 
 
+# what decides a run's trajectory: a checkpoint is only resumed under the same values (paths to the data, the worker
+# count, checkpointing, validation and the cluster address may change between attempts)
+TRAJECTORY_FIELDS = ("benchmark", "task", "model", "memory", "visual_memory", "query_memory",
+                     "aggregation", "weight_decay", "warmup_steps", "grad_accum", "seed")
+
+
+def _check_same_run(run_dir: Path, cfg: TrainConfig, hp: dict) -> None:
+    """Refuse to resume a run folder whose checkpoints were trained with other settings.
+
+    Resuming under, say, another learning rate or epoch count would silently mix two schedules
+    (and a smaller epoch count would report the longer run as finished).
+    """
+    info_path = run_dir / "run.json"
+    if not info_path.exists():
+        return
+    info = json.loads(info_path.read_text())
+    before = {**{k: info.get("config", {}).get(k) for k in TRAJECTORY_FIELDS}, **info.get("hp", {})}
+    now = {**{k: getattr(cfg, k) for k in TRAJECTORY_FIELDS}, **hp}
+    diffs = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
+    if diffs:
+        raise TrainInputError(
+            f"{run_dir} holds checkpoints of a run with other settings ({'; '.join(diffs)}); give --out a new "
+            f"folder, or pass --restart to train this one again from scratch")
+
+
 def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None = None,
         threads: int | None = None, progress_desc: str = "train", progress_position: int | None = None) -> dict:
     """Train (or resume) one run; returns its folder, final metrics and checkpoint.
@@ -346,12 +371,15 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
     from pipeline.defaults import resolve_model_dir
     from pipeline.runtime import init_ray
 
+    # the workers of a Ray cluster do not run in the driver's folder: relative paths are made absolute here
+    cfg = replace(cfg, features=str(Path(cfg.features).resolve()), out=str(Path(cfg.out).resolve()))
     p = plan(cfg)
     hp = p["hp"]
-    run_dir = Path(cfg.out).resolve()
+    run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     if resume_from is not None:
+        _check_same_run(run_dir, cfg, hp)
         st = json.loads((resume_from / "state.json").read_text())
         if st.get("epoch", 0) >= hp["epochs"]:
             print(f"train: {run_dir} already holds the final checkpoint ({resume_from.name}, {hp['epochs']} epochs); "

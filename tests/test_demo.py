@@ -7,10 +7,15 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_quick_chain_and_rerun_reuses_everything(tmp_path, tiny_model, ray_local):
+def test_demo_quick_chain_and_rerun_reuses_everything(tmp_path, tiny_model, ray_local, monkeypatch):
+    from pathlib import Path
+
     from stages import demo
 
-    res = demo.run(tmp_path, quick=True, progress=False)
+    # a relative --out, as the CLI's default `demo-out`: Ray's workers do not run in the driver's folder
+    monkeypatch.chdir(tmp_path.parent)
+    out = Path(tmp_path.name)
+    res = demo.run(out, quick=True, progress=False)
     md = (tmp_path / "reports" / "leaderboard.md").read_text()
     for label in ("MA-LMM (MBC memory)", "no memory (last frame)"):
         assert label in md
@@ -27,7 +32,7 @@ def test_demo_quick_chain_and_rerun_reuses_everything(tmp_path, tiny_model, ray_
     (a0, a1), (b0, b1) = res["stages"]["mbc"]["train_seconds"], res["stages"]["none"]["train_seconds"]
     assert a0 < b1 and b0 < a1  # on 2 CPUs the two variants train side by side
 
-    again = demo.run(tmp_path, quick=True, progress=False)
+    again = demo.run(out, quick=True, progress=False)
     assert again["stages"]["extract"]["processed_videos"] == 0
     assert not any(again["stages"][v]["trained"] or again["stages"][v]["predicted"] for v in ("mbc", "none"))
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "reports" / "metrics.parquet"), m)

@@ -89,6 +89,22 @@ def test_rerun_of_finished_run_does_nothing(full_run, capsys):
 
 
 @pytest.mark.slow
+def test_resume_under_other_settings_is_refused(full_run):
+    from stages import train
+    cfg, out, _ = full_run
+    before = (out / "metrics.parquet").read_bytes()
+    # fewer epochs would report the 3-epoch run as finished; another lr would mix two schedules
+    for change, named in ((dict(epochs=2), "epochs 3 -> 2"), (dict(lr=1e-3), "lr 0.002 -> 0.001"),
+                          (dict(memory="fifo"), "memory 'mbc' -> 'fifo'")):
+        with pytest.raises(train.TrainInputError, match=named) as e:
+            train.run(replace(cfg, **change), progress=False)
+        assert str(out) in str(e.value) and "--restart" in str(e.value)
+    assert (out / "metrics.parquet").read_bytes() == before  # nothing of the finished run is touched
+    # the worker count and checkpointing may change between attempts
+    assert train.run(replace(cfg, num_workers=2, checkpoint_every=0), progress=False).get("skipped")
+
+
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_trajectory(features_small, synth_small, ray_local, tiny_model, tmp_path):
     from stages import train
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
