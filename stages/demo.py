@@ -35,10 +35,11 @@ class DemoSize:
 
 
 # Sized for the 15-minute budget on 2 CPU cores: MBC trains on one core while FIFO and then no memory
-# train on the other (measured side by side: 0.21-0.24 s a step of 8 samples with MBC, 0.18-0.21 s
-# with FIFO, 0.06 s without memory); the tiny default's build, synth and extract take ~4 minutes before, inference
-# and the report ~1 minute after. 5 epochs = 2000 steps a variant. The synthetic protocol's 7 epochs
-# (`demo --epochs 7`) learn more but ran 17 min 55 s (see the README).
+# train on the other. Measured side by side, a step of 8 samples took 0.21-0.24 s with MBC, 0.18-0.21 s
+# with FIFO and 0.06 s without memory on the slower of two 2-core machines (13 min in all), and about
+# 0.13 s / 0.12 s / 0.04 s on the faster one (9 min). The tiny default's build, synth and extract take
+# 2.5-4 minutes before, inference and the report under a minute after. 5 epochs = 2000 steps a
+# variant. The synthetic protocol's 7 epochs (`demo --epochs 7`) ran 17 min 55 s on the slower machine.
 FULL = DemoSize(videos=1000, seconds=30, epochs=5, batch_size=8, lr=1.5e-3, warmup_steps=50,
                 variants=("mbc", "fifo", "none"))
 QUICK = DemoSize(videos=24, seconds=16, epochs=1, batch_size=8, lr=1e-3, warmup_steps=2, variants=("mbc", "none"))
