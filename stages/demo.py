@@ -113,10 +113,10 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, seed
     n_videos = videos or size.videos
     n_epochs = epochs or size.epochs
     n_seed = TrainConfig.seed if seed is None else seed
+    out = Path(out)
     runs_root = out / "runs"
     if (n_epochs, n_seed) != (size.epochs, TrainConfig.seed):
         runs_root = runs_root / f"epochs{n_epochs}-seed{n_seed}"
-    out = Path(out)
     t0, t0_wall = time.perf_counter(), time.time()
     ensure_tiny_default()
     _step("tiny default model", t0)
