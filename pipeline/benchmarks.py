@@ -58,7 +58,7 @@ class Protocol:
 
 CLS_METRICS = ("top1", "top5")
 CAP_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
-EK_METRICS = ("top5_acc", "top5_recall")
+EK_METRICS = ("top5_acc", "top5_recall", "top5_recall_unseen", "top5_recall_tail")  # recall: overall, unseen, tail
 
 _CLS_GEN = lambda max_len: Generation(num_beams=5, num_return_sequences=5, max_new_tokens=max_len)  # noqa: E731
 _QA_GEN = Generation(num_beams=5, num_return_sequences=5, max_new_tokens=10, length_penalty=0.0)

@@ -52,13 +52,25 @@ Conversion rules (where they depart from the MA-LMM reference, the reason is giv
   ``references`` is the JSON list of all of them, taken from ``coco_gt/cap_{split}.json``
   (what the reference scores against) when present, else grouped from ``cap_{split}.json``.
   YouCook2 rows carry the segment bounds, clipped to ``[0, duration]``.
-* **EPIC-Kitchens-100 anticipation** – for each action segment an observation window
+* **EPIC-Kitchens-100 anticipation** – every narration id of the split is kept (the
+  official evaluation scores all of them). For each action segment an observation window
   ending τa = ``anticipation_sec`` (1 s) before the action starts: ``end_sec = start - τa``,
-  ``start_sec = max(0, end_sec - observation_sec)``; actions with ``end_sec <= 0`` are
-  skipped and counted. Three rows per action (tasks verb, noun, action; answer = the
-  verb class name, the noun class name, ``"verb noun"``); class ids are kept in
-  ``verb_class``, ``noun_class`` and ``action_class`` (``"{verb_class}_{noun_class}"``).
-  The EK100 protocol fixes τa only; the observed length is the method's choice and
+  ``start_sec = max(0, end_sec - observation_sec)``. An action starting within τa of the
+  video start (``end_sec`` under 1 ms) has nothing to observe before it: its window is
+  clamped to the video's first frame, ``[0, 0.001]`` (a clip shorter than a frame samples
+  the frame at its start), and its rows say ``observation_clamped = true``. Three rows per
+  action (tasks verb, noun, action; answer = the verb class name, the noun class name,
+  ``"verb noun"``, each processed as the reference processes classification labels,
+  :func:`pipeline.metrics.pre_caption`: ``board:chopping`` → ``board chopping``; the class
+  keys as published are in ``verb`` / ``noun``); class ids are kept in ``verb_class``,
+  ``noun_class`` and ``action_class`` (``"{verb_class}_{noun_class}"``). The evaluation
+  subsets come from the official lists beside the CSVs: ``unseen_participant`` = the
+  participant is in ``EPIC_100_unseen_participant_ids_validation.csv``; ``tail_class`` = the
+  row's class is a tail class (verb: ``verb_class`` in ``EPIC_100_tail_verbs.csv``; noun: ``noun_class`` in
+  ``EPIC_100_tail_nouns.csv``; action: either, as the official evaluation defines tail
+  actions). Values ``true`` / ``false``; empty when the list is not there (a note says so,
+  and `report` then leaves those recalls out). `infer` carries both columns into the
+  predictions. The EK100 protocol fixes τa only; the observed length is the method's choice and
   MA-LMM's released code has no EK100 loader, so ``observation_sec`` defaults to 16 s
   (the registry's 32 uniform frames → 2 frames per second). Only train and val have
   public labels.
@@ -87,7 +99,7 @@ import pandas as pd
 
 from pipeline.benchmarks import BENCHMARKS, EK100_TASKS, LVU_TASKS, SPLITS, protocol
 from pipeline.manifest import is_uri, validate
-from pipeline.metrics import normalize
+from pipeline.metrics import normalize, pre_caption
 from pipeline.sampling import lvu_window_starts
 
 CORE_COLUMNS = ("sample_id", "benchmark", "task", "split", "video", "start_sec", "end_sec", "question", "answer",
@@ -98,6 +110,7 @@ VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", "
 MISSING_SHOWN = 5  # missing videos named in the summary
 DEFAULT_OBSERVATION_SEC = 16.0
 DEFAULT_ANTICIPATION_SEC = 1.0
+FIRST_FRAME_END_SEC = 0.001  # the clamped EK100 window [0, 0.001]: the video's first frame only
 
 # Videos the reference implementation leaves out of its datasets (hard-coded there).
 BREAKFAST_EXCLUDED = ("P28-cam01-P28_cereals", "P27-stereo-P27_milk_ch0", "P28-cam02-P28_cereals")
@@ -670,9 +683,52 @@ def _timestamp(value: str) -> float:
     return float(value)  # plain seconds; ValueError otherwise
 
 
+EK100_SUBSET_FILES = {"unseen": ("EPIC_100_unseen_participant_ids_validation.csv", "participant_id"),
+                      "tail_verbs": ("EPIC_100_tail_verbs.csv", "verb"),
+                      "tail_nouns": ("EPIC_100_tail_nouns.csv", "noun")}
+
+
+def _id_list(path: Path, column: str, integers: bool) -> set:
+    """The values of an official one-column list (participant ids, or class ids)."""
+    out = set()
+    for line, row in _read_csv(path, (column,)):
+        v = row[column]
+        if not v:
+            raise ConversionError(path, f"empty {column!r}", f"line {line}")
+        if integers:
+            try:
+                v = int(v)
+            except ValueError:
+                raise ConversionError(path, f"{column!r} must be a class id (an integer), got {v!r}",
+                                      f"line {line}") from None
+        out.add(v)
+    return out
+
+
+def _processed_names(path: Path, classes: dict[int, str]) -> dict[int, str]:
+    """Class names as answers: the key processed like the reference's labels; two keys that
+    become the same answer are an error (their classes could not be told apart)."""
+    out, seen = {}, {}
+    for i, key in classes.items():
+        name = pre_caption(key)
+        if not name:
+            raise ConversionError(path, f"class {i} ({key!r}) is empty once processed as a label")
+        if name in seen:
+            raise ConversionError(path, f"classes {seen[name]} ({classes[seen[name]]!r}) and {i} ({key!r}) both "
+                                        f"become the answer {name!r}; their scores could not be told apart")
+        seen[name] = i
+        out[i] = name
+    return out
+
+
+def _flag(value: bool | None) -> str:
+    return "" if value is None else ("true" if value else "false")
+
+
 def _ek100(ctx: _Ctx) -> None:
     ctx.extras = ("video_id", "participant_id", "narration_id", "action_start_sec", "action_end_sec", "narration",
-                  "verb", "noun", "verb_class", "noun_class", "action_class", "narration_verb", "narration_noun")
+                  "verb", "noun", "verb_class", "noun_class", "action_class", "narration_verb", "narration_noun",
+                  "observation_clamped", "unseen_participant", "tail_class")
     if ctx.split == "test":
         raise ConversionError(ctx.ann, "EPIC-Kitchens-100 test labels are not public (EPIC_100_test_timestamps.csv "
                                        "has no verb/noun); convert train and val, and evaluate on val")
@@ -686,6 +742,7 @@ def _ek100(ctx: _Ctx) -> None:
             raise ConversionError(d, f"{names[key]} is needed for the class names and is not in {d}")
     files = ctx.split_files("epic-kitchens-100", EK100_FILES)
     verbs, nouns = _classes(d / names["verbs"]), _classes(d / names["nouns"])
+    verb_names, noun_names = _processed_names(d / names["verbs"], verbs), _processed_names(d / names["nouns"], nouns)
     ctx.sources += [d / names["verbs"], d / names["nouns"]]
     durations: dict[str, float] = {}
     info = d / "EPIC_100_video_info.csv"
@@ -697,8 +754,21 @@ def _ek100(ctx: _Ctx) -> None:
             except ValueError:
                 raise ConversionError(info, f"'duration' must be a number, got {row['duration']!r}",
                                       f"line {line}") from None
+    # the official evaluation subsets (unseen participants, tail classes), when their lists are there
+    lists: dict[str, set | None] = {}
+    for key, (fname, column) in EK100_SUBSET_FILES.items():
+        path = d / fname
+        lists[key] = _id_list(path, column, integers=key != "unseen") if path.is_file() else None
+        if lists[key] is not None:
+            ctx.sources.append(path)
+    absent = [EK100_SUBSET_FILES[k][0] for k, v in lists.items() if v is None]
+    if absent:
+        ctx.notes.append(f"no {', '.join(absent)} in {d}: the unseen / tail subsets are left empty and report will "
+                         "not give their recalls (copy the official lists there and convert again)")
+    unseen, tail_verbs, tail_nouns = lists["unseen"], lists["tail_verbs"], lists["tail_nouns"]
     tau, obs = ctx.anticipation_sec, ctx.observation_sec
     ctx.notes.append(f"anticipation: observation window of {_num(obs)} s ending τa = {_num(tau)} s before each action")
+    clamped = 0
     for split, path in files:
         for line, row in _read_csv(path, EK100_COLUMNS):
             where = f"line {line} (narration {row['narration_id']})"
@@ -718,22 +788,34 @@ def _ek100(ctx: _Ctx) -> None:
             if not row["narration_id"] or not row["video_id"] or not row["participant_id"]:
                 raise ConversionError(path, "empty narration_id, participant_id or video_id", where)
             end = start - tau
-            if end <= 0:
-                ctx.skipped[f"action starts within τa = {_num(tau)} s of the video start"] += 1
-                continue
-            begin = max(0.0, end - obs)
+            is_clamped = round(end, 3) < FIRST_FRAME_END_SEC  # nothing (or under 1 ms) to observe before τa
+            if is_clamped:
+                begin, end = 0.0, FIRST_FRAME_END_SEC
+                clamped += 1
+            else:
+                begin = max(0.0, end - obs)
             vid, pid = row["video_id"], row["participant_id"]
             ctx.video(vid, [f"{pid}/videos/{vid}", f"{pid}/{vid}", vid], (".MP4", ".mp4"))
-            verb, noun = verbs[vc], nouns[nc]
+            verb, noun = verb_names[vc], noun_names[nc]
             answers = {"verb": verb, "noun": noun, "action": f"{verb} {noun}"}
+            tail_verb = None if tail_verbs is None else vc in tail_verbs
+            tail_noun = None if tail_nouns is None else nc in tail_nouns
+            tail = {"verb": tail_verb, "noun": tail_noun,
+                    "action": None if tail_verb is None or tail_noun is None else tail_verb or tail_noun}
             for task in EK100_TASKS:
                 ctx.add(sample_id=f"{row['narration_id']}_{task}", task=task, split=split, video=vid,
                         answer=answers[task], start=begin, end=end, duration=durations.get(vid),
                         source=f"{path}, {where}", video_id=vid, participant_id=pid,
                         narration_id=row["narration_id"], action_start_sec=_num(start), action_end_sec=_num(stop),
-                        narration=row.get("narration", ""), verb=verb, noun=noun, verb_class=vc, noun_class=nc,
-                        action_class=f"{vc}_{nc}", narration_verb=row.get("verb", ""),
-                        narration_noun=row.get("noun", ""))
+                        narration=row.get("narration", ""), verb=verbs[vc], noun=nouns[nc], verb_class=vc,
+                        noun_class=nc, action_class=f"{vc}_{nc}", narration_verb=row.get("verb", ""),
+                        narration_noun=row.get("noun", ""), observation_clamped=_flag(is_clamped),
+                        unseen_participant=_flag(None if unseen is None else pid in unseen),
+                        tail_class=_flag(tail[task]))
+    if clamped:
+        ctx.notes.append(f"{clamped} action(s) start within τa = {_num(tau)} s of their video's start: kept, with the "
+                         f"observation clamped to the first frame [0, {_num(FIRST_FRAME_END_SEC)}] "
+                         "(observation_clamped = true)")
 
 
 CONVERTERS: dict[str, Callable[[_Ctx], None]] = {

@@ -1,17 +1,20 @@
-"""Scoring exact to the reference protocols (DESIGN §5), with clustered bootstrap CIs.
+"""Scoring exact to the reference protocols (README, "Architecture"), with clustered bootstrap CIs.
 
 Everything here is selected by name from the benchmark registry: a protocol's
-``answer_rule`` picks an entry of :data:`ANSWER_RULES`, each of its ``metrics`` an
-entry of :data:`METRICS`. Nothing about a benchmark is hard-coded in this module.
+``answer_rule`` field names its *comparison* (``exact``, ``first_word``, ``whole``,
+``caption``), each of its ``metrics`` an entry of :data:`METRICS`; the *answer rule*
+(:data:`ANSWER_RULES`: ``reference``, the default, or the opt-in ``lenient``) says how
+that comparison treats beams and gold answers. Nothing about a benchmark is hard-coded here.
 
 Public API
 ----------
-- :func:`normalize` – the answer normalisation.
+- :func:`pre_caption` – the reference's label processing; :func:`normalize` – the lenient one.
+- :func:`answer_rule`, :func:`comparison` – a named, versioned rule (``id`` = ``name@version``).
 - :func:`scored_prediction` – the prediction string after the answer rule (stored by ``infer``).
 - :func:`scored_predictions` – the same for a whole predictions table.
 - :func:`beam_hits` – which of the first five beams of every row are correct.
 - :func:`score` – tidy :class:`MetricRow` s for one protocol (value, n, 95 % CI).
-- :func:`lvu_average` – the LVU average row (task ``"average"``).
+- :func:`lvu_average` – the LVU average row over the tasks present.
 - :func:`score_predictions` – :func:`score` for every (benchmark, task) of a table, plus the LVU average.
 - :func:`metrics_frame` – rows as a DataFrame with the tidy metric columns.
 
@@ -20,28 +23,36 @@ Answer rules and where they come from
 The reference is MA-LMM (github.com/boheumd/MA-LMM, LAVIS-based).
 
 * Predictions there are the LLM's decoded beams with surrounding whitespace removed
-  (``generate`` in ``blip2_vicuna_instruct.py``); labels and answers go through the
-  text processor (``BlipCaptionProcessor.pre_caption``: lower case; each of the characters
-  ``. ! " ( ) * # : ; ~`` replaced by a space; runs of whitespace collapsed; stripped).
-  The LVU dataset even asserts that its labels are unchanged by that processor.
-* :func:`normalize` applies that same processing, and this module applies it to **both**
-  sides (the reference compares the stripped raw beam with the processed label). Since the
-  model is trained on processed targets the two agree except when a beam differs from its
-  label only by case, those punctuation characters or spacing: such a beam is correct
-  here and wrong in the reference. Other punctuation (commas, apostrophes, hyphens, ``?``)
-  is kept, as the reference keeps it ("t-shirt", "man's"). Whitespace runs of any length
-  (tabs, newlines included) collapse to one space; the reference collapses runs of two or
-  more. The reference's 50-word truncation is not applied (answers are short).
+  (``generate`` in ``blip2_vicuna_instruct.py``) and nothing else.
+* Classification labels (LVU, Breakfast, COIN datasets) go through the text processor
+  (``BlipCaptionProcessor.pre_caption``: lower case; each of ``. ! " ( ) * # : ; ~``
+  replaced by a space; runs of two or more whitespace characters made one space; a trailing
+  newline dropped; spaces stripped; at most 50 words) and the datasets assert that the label
+  is unchanged by it. ``_report_metrics_cls`` compares each beam with that processed label.
+* QA answers are compared as the annotation file holds them: ``_report_metrics_vqa`` reads
+  ``annotation[question_id]['answer']`` (not the processed training target).
+
+``reference`` (the default; version 1) does exactly that: the beam trimmed at both ends
+(:func:`trim`) against :func:`pre_caption` of the label (``exact``) or the raw answer
+(``first_word``, ``whole``). A beam differing from its gold by case, punctuation or inner
+spacing is wrong, as in the reference. ``lenient`` (opt-in; version 1) applies
+:func:`normalize` (lower case, the characters above blanked, every whitespace run collapsed)
+to beams and gold answers alike, so "Make sandwich." or a capitalised gold answer count as
+correct; its numbers are not comparable with the paper's. The rule's ``id`` is written into
+``metrics.parquet`` and on the leaderboard; bump a rule's version whenever what it accepts
+changes (`report` re-scores then).
+
 * ``exact`` – classification (``lavis/tasks/classification.py``, ``_report_metrics_cls``):
   a beam is correct when it equals the label. Also used for EPIC-Kitchens-100 (the gold is
-  the verb, the noun, or "verb noun").
+  the verb, the noun, or "verb noun", class names processed as labels by the converter).
 * ``first_word`` – MSRVTT-QA, MSVD-QA (``lavis/tasks/vqa.py``, ``_report_metrics_vqa``:
   for dataset names containing msvd / msrvtt each beam is cut at its first space): the
   first word of the beam vs the whole answer.
 * ``whole`` – ActivityNet-QA (same function, no cut): the whole beam vs the answer.
-* ``caption`` – captions: beam 0 stripped, scored by pycocoevalcap (below).
+* ``caption`` – captions: beam 0 stripped, scored by pycocoevalcap (below); alike under
+  every rule.
 * top-1 = beam 0 correct; top-5 = any of the first five beams correct (``match[:, :1]`` and
-  ``match[:, :5]`` in the reference). An empty scored prediction is never correct.
+  ``match[:, :5]`` in the reference). An empty scored prediction or gold is never correct.
 * A row whose ``error`` is non-empty failed to predict: all its beams count as wrong, its
   caption is the empty string, and it is counted in the ``n_failed`` row.
 
@@ -57,12 +68,18 @@ Java process is started per :func:`score` call and killed when it returns.
 EPIC-Kitchens-100 anticipation
 ------------------------------
 As the official evaluation (github.com/epic-kitchens/C3-Action-Anticipation,
-``evaluate_anticipation_json_ek100.py``: ``topk_accuracy`` and ``mean_topk_recall``):
-``top5_acc`` = fraction of samples whose gold is among the top 5 predictions;
-``top5_recall`` = for every class present among the gold labels, the fraction of its
-samples whose top 5 contain it, averaged over those classes with equal weight (the
-"overall" mean top-5 recall; RULSTM's ``MeanTopKRecallMeter`` computes the same). Here a
-class is the normalised gold string and the top 5 are the first five beams.
+``evaluate_anticipation_json_ek100.py``: ``topk_accuracy``, ``mean_topk_recall`` and
+``compute_anticipation_metrics``): ``top5_acc`` = fraction of samples whose gold is among
+the top 5 predictions; ``top5_recall`` = for every class present among the gold labels, the
+fraction of its samples whose top 5 contain it, averaged over those classes with equal
+weight (the "overall" mean top-5 recall); ``top5_recall_unseen`` and ``top5_recall_tail``
+= the same over the samples of the unseen participants and of the tail classes only (for
+the action task a tail action is one whose verb or noun is a tail class), the classes being
+those present in that subset. Here a class is the gold string after the answer rule and the
+top 5 are the first five beams. Subset membership is read from the predictions' columns
+:data:`SUBSET_COLUMNS` (``unseen_participant``, ``tail_class``), which the EK100 converter
+sets from the official lists and `infer` carries over; where any row's membership is
+unknown the subset's recall is NaN with ``n = 0`` and a warning says how to get it.
 
 Confidence intervals
 --------------------
@@ -84,8 +101,9 @@ protocol, and independent of row order. ``n_boot=0`` gives NaN intervals.
   evaluated set; draws average the per-video scores with that IDF held fixed (a
   resampled set with duplicated videos has no well-defined IDF of its own).
 
-The LVU average is the mean over its seven tasks of top-1 (and of top-5); its interval is
-the percentile interval of the mean of the tasks' draws. Each task is resampled on its own
+The LVU average is the mean of top-1 (and of top-5) over the LVU tasks present (never a
+constant); its task, ``average`` for all seven or e.g. ``average:director+genre``, names
+the tasks it covers. Its interval is the percentile interval of the mean of the tasks' draws. Each task is resampled on its own
 (LVU tasks are labelled on nearly disjoint sets of movies), so the draws are treated as
 independent across tasks.
 """
@@ -119,65 +137,128 @@ _CHUNK_CELLS = 2_000_000
 # ============================================================================ answer rules
 
 _REFERENCE_PUNCT = re.compile(r'[.!"()*#:;~]')  # the characters the reference's pre_caption blanks out
+_REFERENCE_RUNS = re.compile(r"\s{2,}")
+REFERENCE_MAX_WORDS = 50
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def pre_caption(text: Any, max_words: int = REFERENCE_MAX_WORDS) -> str:
+    """The reference's label processing (``BlipCaptionProcessor.pre_caption``), step for step:
+    lower case; each of ``. ! " ( ) * # : ; ~`` replaced by a space; runs of two or more
+    whitespace characters replaced by one space; a trailing newline dropped; spaces stripped at
+    both ends; cut to ``max_words`` space-separated words. ``None``/NaN give ``""``."""
+    out = _REFERENCE_RUNS.sub(" ", _REFERENCE_PUNCT.sub(" ", _text(text).lower()))
+    out = out.rstrip("\n").strip(" ")
+    words = out.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else out
 
 
 def normalize(text: Any) -> str:
-    """Lower case, blank out ``. ! " ( ) * # : ; ~`` as the reference's text processor
-    does, collapse whitespace, strip. ``None``/NaN give ``""``."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return ""
-    return " ".join(_REFERENCE_PUNCT.sub(" ", str(text).lower()).split())
+    """The lenient normalisation: lower case, blank out ``. ! " ( ) * # : ; ~``, collapse every
+    whitespace run (a single tab included), strip. ``None``/NaN give ``""``."""
+    return " ".join(_REFERENCE_PUNCT.sub(" ", _text(text).lower()).split())
 
 
-def rule_exact(prediction: str) -> str:
-    """Classification (and EK100): the whole normalised beam is compared with the label."""
-    return normalize(prediction)
+def trim(text: Any) -> str:
+    """A beam as the reference scores it: surrounding whitespace removed, nothing else."""
+    return _text(text).strip()
 
 
-def rule_first_word(prediction: str) -> str:
-    """MSRVTT-QA / MSVD-QA: only the first word of the normalised beam is compared."""
-    words = normalize(prediction).split(" ", 1)
-    return words[0]
+def _first_word_of(text: str) -> str:
+    return text.split(" ", 1)[0]  # the reference cuts at the first space (not at any whitespace)
 
 
-def rule_whole(prediction: str) -> str:
-    """ActivityNet-QA: the whole normalised beam is compared with the answer."""
-    return normalize(prediction)
-
-
-def rule_caption(prediction: str) -> str:
-    """Captions: the beam with surrounding whitespace removed (PTBTokenizer does the rest)."""
-    return "" if prediction is None else str(prediction).strip()
+@dataclass(frozen=True)
+class Comparison:
+    """What one protocol comparison (the registry's ``Protocol.answer_rule``: ``exact``,
+    ``first_word``, ``whole`` or ``caption``) compares under one answer rule."""
+    name: str
+    prediction: Callable[[Any], str]  # beam → the string that is scored
+    gold: Callable[[Any], str]  # label / answer → the string it is compared with
 
 
 @dataclass(frozen=True)
 class AnswerRule:
+    """A named, versioned way of matching beams with gold answers. ``id`` (``name@version``) is
+    written in ``metrics.parquet`` and on the leaderboard, and keys the scores cached by
+    ``report``: bump ``version`` whenever what the rule accepts changes."""
     name: str
-    prediction: Callable[[str], str]  # beam → the string that is scored
-    gold: Callable[[str], str]  # label / answer → the string it is compared with
+    version: int
+    description: str
+    comparisons: Mapping[str, Comparison]
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def comparison(self, kind: str | Protocol) -> Comparison:
+        name = kind.answer_rule if isinstance(kind, Protocol) else kind
+        try:
+            return self.comparisons[name]
+        except KeyError:
+            raise KeyError(f"unknown comparison {name!r} (answer rule {self.id}); known: "
+                           f"{', '.join(self.comparisons)}") from None
+
+
+def _comparisons(**kinds: tuple[Callable[[Any], str], Callable[[Any], str]]) -> dict[str, Comparison]:
+    return {k: Comparison(k, p, g) for k, (p, g) in kinds.items()}
 
 
 ANSWER_RULES: dict[str, AnswerRule] = {
-    "exact": AnswerRule("exact", rule_exact, normalize),
-    "first_word": AnswerRule("first_word", rule_first_word, normalize),
-    "whole": AnswerRule("whole", rule_whole, normalize),
-    "caption": AnswerRule("caption", rule_caption, rule_caption),
+    "reference": AnswerRule(
+        "reference", 1,
+        "the reference implementation's: each beam trimmed at both ends only (MSRVTT/MSVD-QA: its first word) "
+        "and compared with the processed label (classification, anticipation) or with the annotated answer "
+        "as written (QA)",
+        _comparisons(exact=(trim, pre_caption),
+                     first_word=(lambda b: _first_word_of(trim(b)), _text),
+                     whole=(trim, _text),
+                     caption=(trim, trim))),
+    "lenient": AnswerRule(
+        "lenient", 1,
+        "opt-in, not the paper's: beams and gold answers both lower-cased, the characters . ! \" ( ) * # : ; ~ "
+        "blanked and whitespace collapsed, so 'Make sandwich.' matches 'make sandwich'",
+        _comparisons(exact=(normalize, normalize),
+                     first_word=(lambda b: _first_word_of(normalize(b)), normalize),
+                     whole=(normalize, normalize),
+                     caption=(trim, trim))),
 }
+DEFAULT_ANSWER_RULE = "reference"
+#: what each protocol comparison can be (the registry's ``Protocol.answer_rule``)
+COMPARISONS = tuple(ANSWER_RULES[DEFAULT_ANSWER_RULE].comparisons)
 
 
-def answer_rule(rule: str | Protocol) -> AnswerRule:
-    name = rule.answer_rule if isinstance(rule, Protocol) else rule
-    try:
-        return ANSWER_RULES[name]
-    except KeyError:
-        raise KeyError(f"unknown answer rule {name!r}; known: {', '.join(ANSWER_RULES)}") from None
+def answer_rule(rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> AnswerRule:
+    """The answer rule named ``rule`` (``"reference"``, ``"lenient"``; ``"name@version"`` is
+    accepted when the version is the current one)."""
+    if isinstance(rule, AnswerRule):
+        return rule
+    name, _, version = str(rule).partition("@")
+    r = ANSWER_RULES.get(name)
+    if r is None:
+        raise KeyError(f"unknown answer rule {rule!r}; known: {', '.join(ANSWER_RULES)} "
+                       f"(default {DEFAULT_ANSWER_RULE})")
+    if version and version != str(r.version):
+        raise KeyError(f"answer rule {rule!r}: this version of the code has {r.id} only")
+    return r
 
 
-def is_correct(rule: str | Protocol, prediction: str, gold: str) -> bool:
-    """Whether one beam is correct under the rule; an empty scored prediction never is."""
-    r = answer_rule(rule)
-    scored = r.prediction(prediction)
-    return bool(scored) and scored == r.gold(gold)
+def comparison(kind: str | Protocol, rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> Comparison:
+    """How a protocol's comparison (or a protocol) matches beams under an answer rule."""
+    return answer_rule(rule).comparison(kind)
+
+
+def is_correct(kind: str | Protocol, prediction: str, gold: str, *,
+               rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> bool:
+    """Whether one beam is correct; an empty scored prediction never is."""
+    c = comparison(kind, rule)
+    scored = c.prediction(prediction)
+    return bool(scored) and scored == c.gold(gold)
 
 
 def _as_list(value: Any) -> list[str]:
@@ -197,31 +278,34 @@ def _failed(error: Any) -> bool:
     return bool(str(error).strip())
 
 
-def scored_prediction(rule: str | Protocol, beams: Any, error: Any = None) -> str:
+def scored_prediction(kind: str | Protocol, beams: Any, error: Any = None, *,
+                      rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> str:
     """The prediction after the answer rule (beam 0; e.g. its first word for MSRVTT-QA).
     ``""`` for a failed or empty prediction."""
     beams = _as_list(beams)
     if _failed(error) or not beams:
         return ""
-    return answer_rule(rule).prediction(beams[0])
+    return comparison(kind, rule).prediction(beams[0])
 
 
-def scored_predictions(rule: str | Protocol, predictions: pd.DataFrame) -> pd.Series:
+def scored_predictions(kind: str | Protocol, predictions: pd.DataFrame, *,
+                       rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> pd.Series:
     """:func:`scored_prediction` for every row of a predictions table."""
     errors = predictions["error"] if "error" in predictions else [None] * len(predictions)
-    return pd.Series([scored_prediction(rule, b, e) for b, e in zip(predictions["beams"], errors)],
+    return pd.Series([scored_prediction(kind, b, e, rule=rule) for b, e in zip(predictions["beams"], errors)],
                      index=predictions.index, dtype=object)
 
 
-def beam_hits(rule: str | Protocol, predictions: pd.DataFrame, k: int = TOP_K) -> np.ndarray:
+def beam_hits(kind: str | Protocol, predictions: pd.DataFrame, k: int = TOP_K, *,
+              rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> np.ndarray:
     """Bool [rows, k]: beam j of each row is correct (missing beams and failed rows: False)."""
-    r = answer_rule(rule)
+    c = comparison(kind, rule)
     cache: dict[str, str] = {}
 
     def scored(text: str) -> str:
         out = cache.get(text)
         if out is None:
-            out = cache[text] = r.prediction(text)
+            out = cache[text] = c.prediction(text)
         return out
 
     errors = predictions["error"] if "error" in predictions else [None] * len(predictions)
@@ -229,7 +313,7 @@ def beam_hits(rule: str | Protocol, predictions: pd.DataFrame, k: int = TOP_K) -
     for i, (beams, gold, err) in enumerate(zip(predictions["beams"], predictions["answer"], errors)):
         if _failed(err):
             continue
-        g = r.gold(gold)
+        g = c.gold(gold)
         if not g:
             continue
         for j, beam in enumerate(_as_list(beams)[:k]):
@@ -307,6 +391,42 @@ def _weight_chunks(n_videos: int, n_boot: int, rng: np.random.Generator) -> Iter
 
 # ============================================================================ prepared inputs
 
+#: evaluation subsets of EPIC-Kitchens-100 → the column of the predictions table (and of the
+#: manifest) saying whether each row is in it: the participant is unseen in training, the row's
+#: class is a tail class of its task; null (empty in the manifest) when not known
+SUBSET_COLUMNS = {"unseen": "unseen_participant", "tail": "tail_class"}
+SUBSETS = tuple(SUBSET_COLUMNS)
+
+
+def membership(value: Any, *, strict: bool = True) -> bool | None:
+    """A subset-membership cell (bool, ``"true"``/``"false"``, 1/0) → bool; empty/None/NaN → None.
+    Any other value is an error, or unknown (None) when not ``strict``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    if text in ("", "nan", "none", "<na>") or not strict:
+        return None
+    raise ValueError(f"subset membership must be true or false, got {value!r}")
+
+
+def _subset_masks(rows: pd.DataFrame) -> dict[str, np.ndarray | None]:
+    """Row masks of each subset; None where any row's membership is unknown."""
+    out: dict[str, np.ndarray | None] = {}
+    for name, column in SUBSET_COLUMNS.items():
+        if column not in rows.columns:
+            out[name] = None
+            continue
+        vals = [membership(v) for v in rows[column]]
+        out[name] = None if any(v is None for v in vals) else np.array(vals, dtype=bool)
+    return out
+
+
 @dataclass
 class _Beams:
     """Per-sample correctness, clustered by video (classification, QA, anticipation)."""
@@ -314,7 +434,8 @@ class _Beams:
     n_videos: int
     video: np.ndarray  # [rows] video index
     hits: np.ndarray  # [rows, TOP_K] bool
-    gold: np.ndarray  # [rows] class index of the normalised gold string
+    gold: np.ndarray  # [rows] class index of the gold string (after the answer rule)
+    subsets: dict[str, np.ndarray | None] = field(default_factory=dict)  # subset → row mask (None: unknown)
 
     def __enter__(self):
         return self
@@ -328,11 +449,12 @@ def _video_codes(videos: pd.Series) -> tuple[np.ndarray, int]:
     return codes.astype(np.int64), len(uniques)
 
 
-def _prepare_beams(proto: Protocol, rows: pd.DataFrame) -> _Beams:
+def _prepare_beams(proto: Protocol, rows: pd.DataFrame, rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> _Beams:
     video, n_videos = _video_codes(rows["video"])
-    rule = answer_rule(proto)
-    gold, _ = pd.factorize(pd.Series([rule.gold(a) for a in rows["answer"]], dtype=object), sort=True)
-    return _Beams(len(rows), n_videos, video, beam_hits(proto, rows), gold.astype(np.int64))
+    c = comparison(proto, rule)
+    gold, _ = pd.factorize(pd.Series([c.gold(a) for a in rows["answer"]], dtype=object), sort=True)
+    return _Beams(len(rows), n_videos, video, beam_hits(proto, rows, rule=rule), gold.astype(np.int64),
+                  _subset_masks(rows))
 
 
 def _topk_accuracy(k: int) -> Callable[[_Beams, np.ndarray], np.ndarray]:
@@ -344,11 +466,17 @@ def _topk_accuracy(k: int) -> Callable[[_Beams, np.ndarray], np.ndarray]:
     return fn
 
 
-def _class_mean_topk_recall(k: int) -> Callable[[_Beams, np.ndarray], np.ndarray]:
+def _class_mean_topk_recall(k: int, subset: str | None = None) -> Callable[[_Beams, np.ndarray], np.ndarray]:
     def fn(p: _Beams, w: np.ndarray) -> np.ndarray:
+        hits, gold, video = p.hits, p.gold, p.video
+        if subset is not None:
+            mask = p.subsets.get(subset)
+            if mask is None or not mask.any():  # membership unknown, or no sample in the subset
+                return np.full(len(w), np.nan)
+            hits, gold, video = hits[mask], gold[mask], video[mask]
         # (video, class) cells: hits and sample counts, cells ordered by class
-        hit = p.hits[:, :k].any(axis=1).astype(np.float64)
-        cell, first = np.unique(p.gold * p.n_videos + p.video, return_inverse=True)
+        hit = hits[:, :k].any(axis=1).astype(np.float64)
+        cell, first = np.unique(gold * p.n_videos + video, return_inverse=True)
         cell_hits = np.bincount(first, weights=hit, minlength=len(cell))
         cell_count = np.bincount(first, minlength=len(cell)).astype(np.float64)
         cell_video, cell_class = cell % p.n_videos, cell // p.n_videos
@@ -358,10 +486,19 @@ def _class_mean_topk_recall(k: int) -> Callable[[_Beams, np.ndarray], np.ndarray
         den = np.add.reduceat(wc * cell_count, starts, axis=1)
         present = den > 0  # classes present in the (resampled) gold labels
         recall = np.divide(num, den, out=np.zeros_like(num), where=present)
-        return recall.sum(axis=1) / present.sum(axis=1)
-    fn.__doc__ = (f"Class-mean top-{k} recall: per gold class, the fraction of its samples whose first {k} "
-                  "beams contain it; mean over the classes present (EK100 official definition).")
+        with np.errstate(invalid="ignore", divide="ignore"):  # a draw without any sample of the subset: NaN
+            return recall.sum(axis=1) / present.sum(axis=1)
+    where = "" if subset is None else f" of the {subset!r} subset's samples"
+    fn.__doc__ = (f"Class-mean top-{k} recall{where}: per gold class, the fraction of its samples whose first "
+                  f"{k} beams contain it; mean over the classes present (EK100 official definition).")
     return fn
+
+
+def _subset_count(subset: str) -> Callable[[_Beams], int]:
+    def count(p: _Beams) -> int:
+        mask = p.subsets.get(subset)
+        return 0 if mask is None else int(mask.sum())
+    return count
 
 
 # ---------------------------------------------------------------------------- captions
@@ -481,7 +618,8 @@ def _close_meteor(meteor) -> None:
         p.wait()
 
 
-def _prepare_captions(proto: Protocol, rows: pd.DataFrame) -> _Captions:
+def _prepare_captions(proto: Protocol, rows: pd.DataFrame, rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> _Captions:
+    """Captions score alike under every answer rule (the beam trimmed; pycocoevalcap tokenizes)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_refs, cook_test
     from pycocoevalcap.cider.cider import Cider
@@ -556,12 +694,14 @@ def _cider(p: _Captions, w: np.ndarray) -> np.ndarray:
 class MetricSpec:
     """How a registry metric name is computed: ``fn(prepared, weights[draws, videos]) →
     [draws]`` (weights of all ones give the point estimate unless ``point`` is set),
-    reported × ``scale``."""
+    reported × ``scale``; ``count`` gives its ``n`` when that is not every sample (a subset)."""
     name: str
     kind: str  # "beams" | "captions": which prepared input it reads
     fn: Callable[[Any, np.ndarray], np.ndarray]
     scale: float = 100.0
     point: Callable[[Any], float] | None = None  # direct point estimate (captions: pycocoevalcap's own value)
+    subset: str | None = None  # computed on the rows of this subset only (EK100 ``unseen`` / ``tail``)
+    count: Callable[[Any], int] | None = None
 
 
 def _caption_point(name: str) -> Callable[[_Captions], float]:
@@ -573,13 +713,17 @@ METRICS: dict[str, MetricSpec] = {
     "top5": MetricSpec("top5", "beams", _topk_accuracy(5)),
     "top5_acc": MetricSpec("top5_acc", "beams", _topk_accuracy(5)),
     "top5_recall": MetricSpec("top5_recall", "beams", _class_mean_topk_recall(5)),
+    **{f"top5_recall_{s}": MetricSpec(f"top5_recall_{s}", "beams", _class_mean_topk_recall(5, s), subset=s,
+                                      count=_subset_count(s)) for s in SUBSETS},
     "bleu4": MetricSpec("bleu4", "captions", _bleu4, point=_caption_point("bleu4")),
     "meteor": MetricSpec("meteor", "captions", _meteor, point=_caption_point("meteor")),
     "rouge_l": MetricSpec("rouge_l", "captions", _rouge_l, point=_caption_point("rouge_l")),
     "cider": MetricSpec("cider", "captions", _cider, point=_caption_point("cider")),
 }
-_PREPARE: dict[str, Callable[[Protocol, pd.DataFrame], Any]] = {"beams": _prepare_beams,
-                                                                "captions": _prepare_captions}
+_PREPARE: dict[str, Callable[..., Any]] = {"beams": _prepare_beams, "captions": _prepare_captions}
+
+_SUBSET_FIX = {"unseen": "EPIC_100_unseen_participant_ids_validation.csv",
+               "tail": "EPIC_100_tail_verbs.csv and EPIC_100_tail_nouns.csv"}
 
 
 # ============================================================================ scoring
@@ -595,14 +739,17 @@ def _rows_of(proto: Protocol, predictions: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def score(protocol: Protocol, predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> list[MetricRow]:
-    """Score one protocol's rows of ``predictions`` with the protocol's answer rule and
-    metrics: one :class:`MetricRow` per metric (value ×100, ``n`` = samples, or videos
-    for captions; 95 % clustered-bootstrap CI over videos), then an ``n_failed`` row
-    (value = rows whose ``error`` is set, ``n`` = rows)."""
+def score(protocol: Protocol, predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+          rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> list[MetricRow]:
+    """Score one protocol's rows of ``predictions`` with the protocol's comparison under the
+    answer rule ``rule`` and the protocol's metrics: one :class:`MetricRow` per metric
+    (value ×100, ``n`` = samples, or videos for captions, or the subset's samples; 95 %
+    clustered-bootstrap CI over videos), then an ``n_failed`` row (value = rows whose
+    ``error`` is set, ``n`` = rows)."""
     unknown = [m for m in protocol.metrics if m not in METRICS]
     if unknown:
         raise KeyError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    rule = answer_rule(rule)
     rows = _rows_of(protocol, predictions)
     n_failed = int(sum(_failed(e) for e in rows["error"])) if "error" in rows else 0
     specs = [METRICS[m] for m in protocol.metrics]
@@ -612,11 +759,18 @@ def score(protocol: Protocol, predictions: pd.DataFrame, *, n_boot: int = 1000, 
         if len(rows) == 0:
             out += [MetricRow(protocol.benchmark, protocol.task, s.name, math.nan, 0) for s in kind_specs]
             continue
-        with _PREPARE[kind](protocol, rows) as prep:
+        with _PREPARE[kind](protocol, rows, rule) as prep:
             n = prep.n_videos if kind == "captions" else prep.n_rows
             if prep.n_videos == 0:
                 out += [MetricRow(protocol.benchmark, protocol.task, s.name, math.nan, 0) for s in kind_specs]
                 continue
+            for s in kind_specs:
+                if s.subset is not None and prep.subsets.get(s.subset) is None:
+                    log.warning("%s%s: %s not computed: the predictions do not say which samples are in the "
+                                "%r subset. Convert the manifest with the official %s beside the annotation CSVs "
+                                "(`malmm-pipeline manifest ek100`), then predict again into a fresh --out",
+                                protocol.benchmark, f"/{protocol.task}" if protocol.task else "", s.name,
+                                s.subset, _SUBSET_FIX.get(s.subset, "lists"))
             ones = np.ones((1, prep.n_videos))
             draws: dict[str, list[np.ndarray]] = {s.name: [] for s in kind_specs}
             for w in _weight_chunks(prep.n_videos, n_boot, _rng(seed, protocol.benchmark, protocol.task)):
@@ -626,42 +780,65 @@ def score(protocol: Protocol, predictions: pd.DataFrame, *, n_boot: int = 1000, 
                 point = s.point(prep) if s.point is not None else float(s.fn(prep, ones)[0])
                 d = np.concatenate(draws[s.name]) * s.scale if draws[s.name] else None
                 lo, hi = _percentile_ci(d)
-                out.append(MetricRow(protocol.benchmark, protocol.task, s.name, point * s.scale, n, lo, hi, d))
+                out.append(MetricRow(protocol.benchmark, protocol.task, s.name, point * s.scale,
+                                     s.count(prep) if s.count is not None else n, lo, hi, d))
     order = {m: i for i, m in enumerate(protocol.metrics)}
     out.sort(key=lambda r: order[r.metric])
     out.append(MetricRow(protocol.benchmark, protocol.task, "n_failed", float(n_failed), len(rows)))
     return out
 
 
+LVU_AVERAGE = "average"  # the task of the LVU average row when all seven tasks are present
+
+
+def lvu_average_task(tasks: Sequence[str]) -> str:
+    """The task name of an LVU average over ``tasks``: ``"average"`` for all seven, else
+    ``"average:"`` and the tasks covered (registry order, joined by ``+``)."""
+    present = [t for t in LVU_TASKS if t in set(tasks)]
+    return LVU_AVERAGE if len(present) == len(LVU_TASKS) else f"{LVU_AVERAGE}:" + "+".join(present)
+
+
+def lvu_average_tasks(task: str) -> tuple[str, ...] | None:
+    """The LVU tasks an average row covers (``None`` when ``task`` is not an average)."""
+    if task == LVU_AVERAGE:
+        return LVU_TASKS
+    if task.startswith(f"{LVU_AVERAGE}:"):
+        return tuple(t for t in task.split(":", 1)[1].split("+") if t)
+    return None
+
+
 def lvu_average(metric_rows: Sequence[Mapping], metrics: Sequence[str] = ("top1", "top5")) -> list[MetricRow]:
-    """The LVU average: for each metric, the mean of its value over the seven LVU tasks, as
-    a row with task ``"average"`` (``n`` = samples over the tasks). Its CI is the percentile
-    interval of the mean of the tasks' bootstrap draws (NaN when draws are missing).
-    A metric is skipped (with a warning) unless all seven tasks have it."""
+    """The LVU average: for each metric, the mean of its value over the LVU tasks present
+    (those with a finite value), as a row whose task (:func:`lvu_average_task`) names the
+    tasks covered: ``"average"`` for all seven, e.g. ``"average:director+genre"`` otherwise
+    (``n`` = samples over those tasks). Its CI is the percentile interval of the mean of the
+    tasks' bootstrap draws (NaN when draws are missing)."""
     out = []
     for metric in metrics:
         by_task = {r["task"]: r for r in metric_rows
-                   if r["benchmark"] == "lvu" and r["metric"] == metric and r["task"] in LVU_TASKS}
+                   if r["benchmark"] == "lvu" and r["metric"] == metric and r["task"] in LVU_TASKS
+                   and r["value"] is not None and np.isfinite(r["value"])}
         if not by_task:
             continue
-        missing = [t for t in LVU_TASKS if t not in by_task]
-        if missing:
-            log.warning("LVU average of %s skipped: no %s row for task(s) %s", metric, metric, ", ".join(missing))
-            continue
-        rows = [by_task[t] for t in LVU_TASKS]
+        tasks = [t for t in LVU_TASKS if t in by_task]
+        if len(tasks) < len(LVU_TASKS):
+            log.info("LVU average of %s over %d of 7 tasks (%s)", metric, len(tasks), ", ".join(tasks))
+        rows = [by_task[t] for t in tasks]
         value = float(np.mean([r["value"] for r in rows]))
         draws = [r.get("draws") for r in rows]
         d = None
         if all(x is not None and len(x) for x in draws) and len({len(x) for x in draws}) == 1:
             d = np.mean(np.stack([np.asarray(x, dtype=np.float64) for x in draws]), axis=0)
         lo, hi = _percentile_ci(d)
-        out.append(MetricRow("lvu", "average", metric, value, int(sum(r["n"] for r in rows)), lo, hi, d))
+        out.append(MetricRow("lvu", lvu_average_task(tasks), metric, value, int(sum(r["n"] for r in rows)), lo, hi,
+                             d))
     return out
 
 
-def score_predictions(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> list[MetricRow]:
+def score_predictions(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                      rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> list[MetricRow]:
     """:func:`score` for every (benchmark, task) present in ``predictions`` (protocols from
-    the registry), followed by the LVU average when all seven LVU tasks are present."""
+    the registry), followed by the LVU average over the LVU tasks present."""
     rows: list[MetricRow] = []
     keys = predictions[["benchmark", "task"]].fillna("").astype(str).drop_duplicates()
     seen = set()
@@ -671,6 +848,6 @@ def score_predictions(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: in
         if key in seen:
             continue
         seen.add(key)
-        rows += score(proto, predictions, n_boot=n_boot, seed=seed)
+        rows += score(proto, predictions, n_boot=n_boot, seed=seed, rule=rule)
     rows += lvu_average([r for r in rows if r.benchmark == "lvu"])
     return rows

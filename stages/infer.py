@@ -28,7 +28,7 @@ from pipeline.benchmarks import protocol
 from pipeline.config import InferConfig
 from pipeline.data import FeatureStore, Sample, SampleDataset, collate, join_samples
 from pipeline.manifest import read_manifest
-from pipeline.metrics import scored_prediction
+from pipeline.metrics import SUBSET_COLUMNS, membership, scored_prediction
 from pipeline.shards import write_parquet
 
 PRED_SCHEMA = pa.schema([
@@ -37,6 +37,8 @@ PRED_SCHEMA = pa.schema([
     ("prediction", pa.string()), ("answer", pa.string()), ("references", pa.list_(pa.string())),
     ("generation", pa.string()), ("num_frames", pa.int64()), ("tokens", pa.int64()), ("latency_s", pa.float64()),
     ("checkpoint", pa.string()), ("fingerprint", pa.string()), ("error", pa.string()),
+    # EPIC-Kitchens-100 evaluation subsets, from the manifest's columns of the same names (null: not known)
+    ("unseen_participant", pa.bool_()), ("tail_class", pa.bool_()),
 ])
 
 
@@ -93,7 +95,8 @@ def _predict_chunk(model, ds, samples, chunk, proto, num_frames, device, ckpt_id
     return [{"sample_id": s.sample_id, "benchmark": s.benchmark, "task": s.task, "split": s.split, "video": s.video,
              "key": s.key, "prompt": s.prompt, "beams": bm, "prediction": scored_prediction(proto, bm),
              "answer": s.answer, "references": list(s.references), "generation": gen, "num_frames": num_frames,
-             "tokens": int(tk), "latency_s": latency, "checkpoint": ckpt_id, "fingerprint": fp, "error": err}
+             "tokens": int(tk), "latency_s": latency, "checkpoint": ckpt_id, "fingerprint": fp, "error": err,
+             **{c: membership(s.extra.get(c), strict=False) for c in SUBSET_COLUMNS.values()}}
             for s, bm, tk, err, fp in zip(samples, beams, tokens, errors, fps)]
 
 

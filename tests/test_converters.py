@@ -150,14 +150,20 @@ def test_real_captions_group_references(real, tmp_path, benchmark, dataset, rows
 
 
 def test_real_ek100_windows_and_class_names(real, tmp_path):
+    from pipeline.metrics import pre_caption
+
     ann = real / "epic-kitchens-100"
     res = convert("ek100", ann, tmp_path, out=tmp_path / "ek.csv")
     df = read_manifest(tmp_path / "ek.csv").df
     n_actions = sum(1 for _ in open(ann / "EPIC_100_validation.csv")) - 1
-    skipped = sum(res.skipped.values())
-    assert (n_actions, skipped) == (9668, 28)
-    assert res.splits == {"val": 3 * (n_actions - skipped)} and res.tasks == {t: n_actions - skipped
-                                                                            for t in ("verb", "noun", "action")}
+    # every narration id is kept (the official evaluation scores all of them)
+    assert (n_actions, res.skipped) == (9668, {})
+    assert res.splits == {"val": 3 * n_actions} and res.tasks == {t: n_actions for t in ("verb", "noun", "action")}
+    assert df.drop_duplicates("narration_id").shape[0] == n_actions
+    early = df[df.observation_clamped == "true"]
+    assert early.narration_id.nunique() == 28  # start within τa = 1 s of their video's start
+    assert (early.start_sec == 0).all() and (early.end_sec == 0.001).all()
+    assert (early.action_start_sec.astype(float) - 1 < 0.001).all()
     rows = df[df.narration_id == "P01_11_10"].set_index("task")  # take paper, starts at 00:00:49.15
     assert rows.loc["verb", "end_sec"] == pytest.approx(48.15) and rows.loc["verb", "start_sec"] == pytest.approx(32.15)
     assert (rows.loc["verb", "answer"], rows.loc["noun", "answer"], rows.loc["action", "answer"]) == \
@@ -169,12 +175,16 @@ def test_real_ek100_windows_and_class_names(real, tmp_path):
     verbs = {int(r["id"]): r["key"] for r in csv.DictReader(open(ann / "EPIC_100_verb_classes.csv"))}
     nouns = {int(r["id"]): r["key"] for r in csv.DictReader(open(ann / "EPIC_100_noun_classes.csv"))}
     v = df[df.task == "verb"]
-    assert all(verbs[int(c)] == a for c, a in zip(v.verb_class, v.answer))
+    assert all(pre_caption(verbs[int(c)]) == a and verbs[int(c)] == k for c, a, k in zip(v.verb_class, v.answer, v.verb))
     n = df[df.task == "noun"]
-    assert all(nouns[int(c)] == a for c, a in zip(n.noun_class, n.answer))
+    assert all(pre_caption(nouns[int(c)]) == a and nouns[int(c)] == k for c, a, k in zip(n.noun_class, n.answer, n.noun))
     obs = df.end_sec - df.start_sec
     assert (obs <= 16 + 1e-9).all() and (df.start_sec >= 0).all()
-    assert ((df.action_start_sec.astype(float) - df.end_sec).round(6) == 1).all()
+    late = df[df.observation_clamped == "false"]
+    assert ((late.action_start_sec.astype(float) - late.end_sec).round(6) == 1).all()
+    # no official tail / unseen lists in this folder: membership unknown, and the summary says so
+    assert (df.unseen_participant == "").all() and (df.tail_class == "").all()
+    assert any("EPIC_100_tail_verbs.csv" in note for note in res.notes)
 
 
 # ============================================================================ hand-made files
@@ -380,26 +390,83 @@ def ek_files(root: Path, rows=None) -> Path:
 
 def test_ek100_window_arithmetic_and_classes(tmp_path):
     ann = ek_files(tmp_path / "ann" / "epic-kitchens-100-annotations")  # a clone of the official repository
-    assert convert("ek100", tmp_path / "ann", None).rows == 9  # found below a parent folder too
+    assert convert("ek100", tmp_path / "ann", None).rows == 15  # found below a parent folder too
     videos = tmp_path / "EPIC-KITCHENS"
     touch(videos, "P01/videos/P01_01.MP4", "P02/P02_03.mp4")
     res = convert("ek100", ann, videos, out=tmp_path / "ek.csv")
     df = read_manifest(tmp_path / "ek.csv").df.set_index("sample_id")
-    assert res.skipped == {"action starts within τa = 1 s of the video start": 2}  # 0.5 s and 1.0 s
-    assert res.splits == {"train": 6, "val": 3} and res.missing_videos == 0
+    # every narration id is kept: the two starting within τa = 1 s (0.5 s and 1.0 s) observe the first frame only
+    assert res.skipped == {} and res.splits == {"train": 12, "val": 3} and res.missing_videos == 0
+    for nid in ("P01_01_0", "P01_01_1"):
+        r = df.loc[f"{nid}_verb"]
+        assert (r.start_sec, r.end_sec, r.observation_clamped) == (0, 0.001, "true")
+    assert any("2 action(s) start within τa" in note for note in res.notes)
     r = df.loc["P01_01_2_verb"]  # starts 5.25 s: observe [0, 4.25]
     assert (r.start_sec, r.end_sec, r.answer, r.verb_class, r.narration_verb) == (0, 4.25, "put", "1", "put-down")
-    assert df.loc["P01_01_2_noun", "answer"] == "board:chopping"
-    assert df.loc["P01_01_2_action", ["answer", "action_class"]].tolist() == ["put board:chopping", "1_1"]
+    assert r.observation_clamped == "false"
+    # answers are class names processed as the reference's labels; the published keys stay in verb / noun
+    assert df.loc["P01_01_2_noun", ["answer", "noun"]].tolist() == ["board chopping", "board:chopping"]
+    assert df.loc["P01_01_2_action", ["answer", "action_class"]].tolist() == ["put board chopping", "1_1"]
     r = df.loc["P01_01_3_action"]  # starts 90 s: observe [73, 89]
     assert (r.start_sec, r.end_sec, r.action_start_sec, r.action_end_sec, r.video_duration) == \
         (73, 89, "90", "91.5", "600.5")
-    assert (r.answer, r.verb, r.noun) == ("take board:chopping", "take", "board:chopping")
+    assert (r.answer, r.verb, r.noun) == ("take board chopping", "take", "board:chopping")
     assert df.loc["P02_03_0_verb", "video"] == "P02/P02_03.mp4" and df.loc["P01_01_3_verb", "video"] == \
         "P01/videos/P01_01.MP4"
     # a shorter observation and τa are options
     df = convert("ek100", ann, None, split="val", observation_sec=8, anticipation_sec=2).df
     assert set(zip(df.start_sec, df.end_sec)) == {("10", "18")}
+
+
+def test_ek100_window_clamped_under_a_millisecond(tmp_path):
+    """An action 0.4 ms after τa would round to an empty window: it is clamped as well."""
+    ann = ek_files(tmp_path, [ek_row("P01_01_0", "P01", "P01_01", "00:00:01.0004", "00:00:03.00", "take", 0, "tap", 0)])
+    df = convert("ek100", ann, None, split="train").df
+    assert set(zip(df.start_sec, df.end_sec, df.observation_clamped)) == {("0", "0.001", "true")}
+
+
+def test_ek100_unseen_and_tail_subsets_from_the_official_lists(tmp_path):
+    """Membership as the official evaluation defines it: unseen = participant in the validation list;
+    tail verb / noun = class id in the tail list; tail action = tail verb or tail noun."""
+    ann = ek_files(tmp_path, [
+        ek_row("P01_01_5", "P01", "P01_01", "00:00:10.00", "00:00:12.00", "take", 0, "tap", 0),
+        ek_row("P01_01_6", "P01", "P01_01", "00:00:20.00", "00:00:22.00", "put", 1, "tap", 0),
+        ek_row("P01_01_7", "P01", "P01_01", "00:00:30.00", "00:00:32.00", "take", 0, "board:chopping", 1),
+    ])
+    write_csv(ann / "EPIC_100_validation.csv", EK_HEADER, [
+        ek_row("P02_03_0", "P02", "P02_03", "00:00:20.00", "00:00:21.00", "put", 1, "tap", 0),
+        ek_row("P01_01_9", "P01", "P01_01", "00:00:40.00", "00:00:41.00", "take", 0, "tap", 0)])
+    write_csv(ann / "EPIC_100_unseen_participant_ids_validation.csv", ["participant_id"], [["P02"]])
+    write_csv(ann / "EPIC_100_tail_verbs.csv", ["verb"], [[1]])
+    write_csv(ann / "EPIC_100_tail_nouns.csv", ["noun"], [[1]])
+    res = convert("ek100", ann, None)
+    df = res.df.set_index("sample_id")
+    assert not any("EPIC_100_tail" in n for n in res.notes)
+    flags = {sid: (r.unseen_participant, r.tail_class) for sid, r in df.iterrows()}
+    assert flags["P02_03_0_verb"] == ("true", "true") and flags["P02_03_0_noun"] == ("true", "false")
+    assert flags["P02_03_0_action"] == ("true", "true")  # tail verb
+    assert flags["P01_01_7_verb"] == ("false", "false") and flags["P01_01_7_noun"] == ("false", "true")
+    assert flags["P01_01_7_action"] == ("false", "true")  # tail noun
+    assert flags["P01_01_5_action"] == ("false", "false") and flags["P01_01_9_verb"] == ("false", "false")
+    # a malformed list names the file and line
+    write_csv(ann / "EPIC_100_tail_nouns.csv", ["noun"], [[1], ["x"]])
+    with pytest.raises(ConversionError, match=r"EPIC_100_tail_nouns.csv, entry line 3: 'noun' must be a class id"):
+        convert("ek100", ann, None)
+    # one list missing: what it decides is unknown (empty: tail nouns and actions), the rest still set
+    (ann / "EPIC_100_tail_nouns.csv").unlink()
+    res = convert("ek100", ann, None)
+    tail = res.df.groupby("task").tail_class.agg(set)
+    assert (tail["noun"], tail["action"], tail["verb"]) == ({""}, {""}, {"true", "false"})
+    assert set(res.df.unseen_participant) == {"true", "false"}
+    assert any("EPIC_100_tail_nouns.csv" in n for n in res.notes)
+
+
+def test_ek100_class_names_that_collide_once_processed(tmp_path):
+    ann = ek_files(tmp_path)
+    write_csv(ann / "EPIC_100_noun_classes.csv", ["id", "key", "instances", "category"],
+              [[0, "board:chopping", "[]", "x"], [1, "board chopping", "[]", "x"]])
+    with pytest.raises(ConversionError, match=r"EPIC_100_noun_classes.csv: classes 0 .* and 1 .* both become"):
+        convert("ek100", ann, None, split="train")
 
 
 @pytest.mark.parametrize("mutate,match", [

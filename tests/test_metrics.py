@@ -34,14 +34,16 @@ def values(rows) -> dict[str, float]:
 
 def test_every_registry_rule_and_metric_has_code():
     for key, p in PROTOCOLS.items():
-        assert p.answer_rule in M.ANSWER_RULES, key
+        assert p.answer_rule in M.COMPARISONS, key
         for m in p.metrics:
             assert m in M.METRICS, (key, m)
+    for rule in M.ANSWER_RULES.values():
+        assert set(rule.comparisons) == set(M.COMPARISONS) and rule.id == f"{rule.name}@{rule.version}"
 
 
 # ----------------------------------------------------------------------------- answer rules
 
-def test_normalize_follows_the_reference_text_processor():
+def test_normalize_is_the_lenient_processing():
     assert M.normalize("  Making  Coffee.\n") == "making coffee"
     assert M.normalize('"Fried (egg)!"') == "fried egg"
     assert M.normalize("a*b#c:d;e~f") == "a b c d e f"
@@ -49,54 +51,113 @@ def test_normalize_follows_the_reference_text_processor():
     assert M.normalize("Yes, the man's T-shirt?") == "yes, the man's t-shirt?"
     assert M.normalize("") == "" and M.normalize(None) == "" and M.normalize(float("nan")) == ""
     assert M.normalize("9.75") == "9 75"
+    assert M.normalize("a\tb") == "a b"  # every whitespace run, a single tab included
 
 
-def test_exact_rule():
-    assert M.is_correct("exact", "Cereals", "cereals")
-    assert M.is_correct("exact", "  cereals. ", "cereals")
-    assert M.is_correct("exact", "romantic   comedy", "Romantic Comedy")
-    assert not M.is_correct("exact", "cereals please", "cereals")  # multi-word prediction: whole beam compared
-    assert not M.is_correct("exact", "cereal", "cereals")
-    assert not M.is_correct("exact", "cereals,", "cereals")  # comma is not removed by the reference either
-    assert not M.is_correct("exact", "", "cereals")
-    assert not M.is_correct("exact", "   ", "")  # empty never correct, even against an empty gold
+def test_pre_caption_is_the_reference_text_processor_step_for_step():
+    assert M.pre_caption("  Making  Coffee.\n") == "making coffee"
+    assert M.pre_caption('"Fried (egg)!"') == "fried egg"
+    assert M.pre_caption("board:chopping") == "board chopping"
+    assert M.pre_caption("Yes, the man's T-shirt?") == "yes, the man's t-shirt?"
+    assert M.pre_caption("a\tb") == "a\tb"  # only runs of two or more whitespace characters are replaced
+    assert M.pre_caption("a\t\tb") == "a b"
+    assert M.pre_caption(" ".join(f"w{i}" for i in range(60))) == " ".join(f"w{i}" for i in range(50))
+    assert M.pre_caption(None) == "" and M.pre_caption(float("nan")) == ""
 
 
-def test_first_word_rule():
-    assert M.is_correct("first_word", "Couch in the living room", "couch")
-    assert M.is_correct("first_word", "  couch.  ", "couch")
-    assert M.is_correct("first_word", "Couch: a big one", "couch")
-    assert not M.is_correct("first_word", "the couch", "couch")
-    assert not M.is_correct("first_word", "couch, sofa", "couch")
-    assert not M.is_correct("first_word", "", "couch")
-    assert not M.is_correct("first_word", "playing guitar", "playing guitar")  # gold compared whole
-    assert M.scored_prediction("first_word", ["Couch in the room", "sofa"]) == "couch"
+def test_answer_rules_are_named_and_versioned():
+    assert M.DEFAULT_ANSWER_RULE == "reference"
+    assert M.answer_rule().id == "reference@1" and M.answer_rule("lenient").id == "lenient@1"
+    assert M.answer_rule("lenient@1") is M.ANSWER_RULES["lenient"]
+    with pytest.raises(KeyError, match="unknown answer rule 'loose'; known: reference, lenient"):
+        M.answer_rule("loose")
+    with pytest.raises(KeyError, match="has lenient@1 only"):
+        M.answer_rule("lenient@7")
 
 
-def test_whole_rule():
-    assert M.is_correct("whole", "Playing Basketball", "playing basketball")
-    assert M.is_correct("whole", "9.75", "9.75")
-    assert not M.is_correct("whole", "basketball", "playing basketball")
-    assert not M.is_correct("whole", "playing basketball outside", "playing basketball")
-    assert not M.is_correct("whole", "", "no")
+def test_reference_rule_classification_trims_the_beam_and_processes_the_label():
+    """The reference compares the raw beam, trimmed at the ends only, with the processed label."""
+    assert M.is_correct("exact", "  make sandwich \n", "make sandwich")
+    assert M.is_correct("exact", "make sandwich", "Make Sandwich.")  # the label is processed
+    assert not M.is_correct("exact", "Make sandwich.", "make sandwich")  # the beam is not
+    assert not M.is_correct("exact", "Make sandwich", "make sandwich")
+    assert not M.is_correct("exact", "make  sandwich", "make sandwich")
+    assert not M.is_correct("exact", "cereals please", "cereals")
+    assert not M.is_correct("exact", "", "cereals") and not M.is_correct("exact", "   ", "")
+    # through score, as the default
+    df = frame([{"beams": ["Make sandwich.", "make sandwich"], "answer": "make sandwich"},
+                {"beams": ["make sandwich"], "answer": "make sandwich"}], "coin")
+    v = values(M.score(protocol("coin"), df, n_boot=0))
+    assert (v["top1"], v["top5"]) == (pytest.approx(50), pytest.approx(100))
+    v = values(M.score(protocol("coin"), df, n_boot=0, rule="lenient"))
+    assert (v["top1"], v["top5"]) == (pytest.approx(100), pytest.approx(100))
+
+
+def test_reference_rule_qa_compares_with_the_raw_answer():
+    """QA: the trimmed beam (its first word for MSRVTT/MSVD-QA) against the annotation's answer as written."""
+    assert M.is_correct("first_word", " couch in the room ", "couch")
+    assert not M.is_correct("first_word", "Couch in the room", "couch")
+    assert not M.is_correct("first_word", "couch in the room", "Couch")  # a capitalised gold answer
+    assert not M.is_correct("first_word", "couch. yes", "couch")
+    assert M.is_correct("first_word", "couch\tsofa", "couch\tsofa")  # cut at the first space only
+    assert M.is_correct("whole", "playing basketball", "playing basketball")
+    assert not M.is_correct("whole", "Playing basketball", "playing basketball")
+    assert not M.is_correct("whole", "yes", "Yes")
+    qa = frame([{"beams": ["couch in a room", "Couch"], "answer": "Couch"},
+                {"beams": ["yes"], "answer": "yes"}], "msvd-qa")
+    assert values(M.score(protocol("msvd-qa"), qa, n_boot=0))["top1"] == pytest.approx(50)
+    assert values(M.score(protocol("msvd-qa"), qa, n_boot=0, rule="lenient"))["top1"] == pytest.approx(100)
+    anet = frame([{"beams": ["Yes"], "answer": "yes"}, {"beams": ["no"], "answer": "No"}], "activitynet-qa")
+    assert values(M.score(protocol("activitynet-qa"), anet, n_boot=0))["top1"] == 0
+    assert values(M.score(protocol("activitynet-qa"), anet, n_boot=0, rule="lenient"))["top1"] == 100
+
+
+def test_lenient_exact_rule():
+    def ok(p, g):
+        return M.is_correct("exact", p, g, rule="lenient")
+    assert ok("Cereals", "cereals") and ok("  cereals. ", "cereals") and ok("romantic   comedy", "Romantic Comedy")
+    assert not ok("cereals please", "cereals")  # multi-word prediction: whole beam compared
+    assert not ok("cereal", "cereals")
+    assert not ok("cereals,", "cereals")  # comma is not removed either
+    assert not ok("", "cereals")
+    assert not ok("   ", "")  # empty never correct, even against an empty gold
+
+
+def test_lenient_first_word_rule():
+    def ok(p, g):
+        return M.is_correct("first_word", p, g, rule="lenient")
+    assert ok("Couch in the living room", "couch") and ok("  couch.  ", "couch") and ok("Couch: a big one", "couch")
+    assert not ok("the couch", "couch") and not ok("couch, sofa", "couch") and not ok("", "couch")
+    assert not ok("playing guitar", "playing guitar")  # gold compared whole
+    assert M.scored_prediction("first_word", ["Couch in the room", "sofa"], rule="lenient") == "couch"
+
+
+def test_lenient_whole_rule():
+    def ok(p, g):
+        return M.is_correct("whole", p, g, rule="lenient")
+    assert ok("Playing Basketball", "playing basketball") and ok("9.75", "9.75")
+    assert not ok("basketball", "playing basketball") and not ok("playing basketball outside", "playing basketball")
+    assert not ok("", "no")
 
 
 def test_scored_prediction_per_rule_and_failures():
-    assert M.scored_prediction("exact", ["  Fried Egg. ", "x"]) == "fried egg"
-    assert M.scored_prediction("whole", ["Yes it is"]) == "yes it is"
+    assert M.scored_prediction("exact", ["  Fried Egg. ", "x"]) == "Fried Egg."
+    assert M.scored_prediction("exact", ["  Fried Egg. ", "x"], rule="lenient") == "fried egg"
+    assert M.scored_prediction("whole", ["Yes it is"]) == "Yes it is"
     assert M.scored_prediction("caption", ["  A man is cooking.  "]) == "A man is cooking."
-    assert M.scored_prediction(protocol("msrvtt-qa"), np.array(["Music plays", "x"], dtype=object)) == "music"
+    assert M.scored_prediction("caption", ["  A man is cooking.  "], rule="lenient") == "A man is cooking."
+    assert M.scored_prediction(protocol("msrvtt-qa"), np.array(["Music plays", "x"], dtype=object)) == "Music"
     assert M.scored_prediction("exact", []) == ""
     assert M.scored_prediction("exact", None) == ""
     assert M.scored_prediction("exact", ["cereals"], error="CUDA OOM") == ""
-    df = frame([{"beams": ["Couch now"], "answer": "couch"}, {"beams": [], "answer": "x"}], "msrvtt-qa")
+    df = frame([{"beams": ["couch now"], "answer": "couch"}, {"beams": [], "answer": "x"}], "msrvtt-qa")
     assert list(M.scored_predictions(protocol("msrvtt-qa"), df)) == ["couch", ""]
 
 
 def test_top1_top5_beam_positions():
     df = frame([
-        {"beams": ["Cereals", "a", "b", "c", "d"], "answer": "cereals"},  # beam 0
-        {"beams": ["a", "b", "c", "Cereals.", "d"], "answer": "cereals"},  # only in beam 3
+        {"beams": ["cereals", "a", "b", "c", "d"], "answer": "cereals"},  # beam 0
+        {"beams": ["a", "b", "c", " cereals ", "d"], "answer": "cereals"},  # only in beam 3
         {"beams": ["a", "b", "c", "d", "e", "cereals"], "answer": "cereals"},  # only in beam 5: not in top-5
         {"beams": ["cereals please", "a cereals"], "answer": "cereals"},  # multi-word: wrong
         {"beams": [], "answer": "cereals"},  # empty output
@@ -115,12 +176,12 @@ def test_top1_top5_beam_positions():
 
 
 def test_qa_rules_through_score():
-    qa = frame([{"beams": ["Couch in a room", "sofa"], "answer": "couch"},
+    qa = frame([{"beams": ["couch in a room", "sofa"], "answer": "couch"},
                 {"beams": ["a couch", "couch"], "answer": "couch"},
                 {"beams": ["no", "yes"], "answer": "yes"}], "msrvtt-qa")
     v = values(M.score(protocol("msrvtt-qa"), qa, n_boot=0))
     assert v["top1"] == pytest.approx(100 / 3) and v["top5"] == pytest.approx(100)
-    anet = frame([{"beams": ["Playing basketball", "x"], "answer": "playing basketball"},
+    anet = frame([{"beams": ["playing basketball", "x"], "answer": "playing basketball"},
                   {"beams": ["playing", "playing basketball"], "answer": "playing basketball"}], "activitynet-qa")
     v = values(M.score(protocol("activitynet-qa"), anet, n_boot=0))
     assert v["top1"] == pytest.approx(50) and v["top5"] == pytest.approx(100)
@@ -162,7 +223,7 @@ def test_ek100_top5_accuracy_and_class_mean_recall_by_hand():
         {"beams": ["take", "put", "open", "wash", "cut"], "answer": "take"},  # hit
         {"beams": ["put", "open", "wash", "cut", "mix"], "answer": "take"},  # miss
         {"beams": ["put", "open", "wash", "cut", "mix", "take"], "answer": "take"},  # beam 5: miss
-        {"beams": ["open", "wash", "cut", "mix", "Put"], "answer": "put"},  # hit (beam 4)
+        {"beams": ["open", "wash", "cut", "mix", "put"], "answer": "put"},  # hit (beam 4)
         {"beams": ["take", "open"], "answer": "open"},  # hit
         {"beams": ["take"], "answer": "open", "error": "failed"},  # failed: miss
     ]
@@ -202,6 +263,93 @@ def test_ek100_recall_bootstrap_matches_a_loop():
         recalls = [sw[prep.gold == c] @ hit[prep.gold == c] / sw[prep.gold == c].sum()
                    for c in np.unique(prep.gold) if sw[prep.gold == c].sum() > 0]
         assert got[b] == pytest.approx(np.mean(recalls))
+
+
+def _official_mean_top5_recall(gold: list[str], top5: list[list[str]]) -> float:
+    """The official evaluation's mean_topk_recall, restated: per class present, the top-5 accuracy of its
+    samples; mean over the classes."""
+    recalls = []
+    for c in sorted(set(gold)):
+        idx = [i for i, g in enumerate(gold) if g == c]
+        recalls.append(np.mean([c in top5[i] for i in idx]))
+    return 100 * float(np.mean(recalls))
+
+
+def _ek_rows(task: str, rng: np.random.Generator, n: int = 80):
+    verbs, nouns = [f"v{i}" for i in range(6)], [f"n{i}" for i in range(5)]
+    tail_v, tail_n, unseen = {"v4", "v5"}, {"n3", "n4"}, {"P09"}
+    rows = []
+    for i in range(n):
+        v, no = verbs[rng.integers(0, 6)], nouns[rng.integers(0, 5)]
+        pid = f"P0{rng.integers(7, 10)}"
+        gold = {"verb": v, "noun": no, "action": f"{v} {no}"}[task]
+        pool = {"verb": verbs, "noun": nouns, "action": [f"{a} {b}" for a in verbs for b in nouns]}[task]
+        beams = [gold] if rng.random() < 0.3 else []
+        beams += [pool[rng.integers(0, len(pool))] for _ in range(6 - len(beams))]
+        rng.shuffle(beams)
+        tail = {"verb": v in tail_v, "noun": no in tail_n, "action": v in tail_v or no in tail_n}[task]
+        rows.append({"beams": beams, "answer": gold, "video": f"{pid}_{i % 11}", "unseen_participant": pid in unseen,
+                     "tail_class": tail})
+    return rows
+
+
+@pytest.mark.parametrize("task", ["verb", "noun", "action"])
+def test_ek100_unseen_and_tail_recall_as_the_official_evaluation(task):
+    """Class-mean top-5 recall overall, over unseen participants and over tail classes (tail action: tail verb
+    or tail noun), each over the classes present in its subset."""
+    rows = _ek_rows(task, np.random.default_rng({"verb": 1, "noun": 2, "action": 3}[task]))
+    df = frame(rows, "ek100", task)
+    got = {r.metric: r for r in M.score(protocol("ek100", task), df, n_boot=200)}
+    assert set(got) == {"top5_acc", "top5_recall", "top5_recall_unseen", "top5_recall_tail", "n_failed"}
+    gold = [r["answer"] for r in rows]
+    top5 = [r["beams"][:5] for r in rows]
+    assert got["top5_acc"].value == pytest.approx(100 * np.mean([g in t for g, t in zip(gold, top5)]))
+    assert got["top5_recall"].value == pytest.approx(_official_mean_top5_recall(gold, top5))
+    for subset, col in (("unseen", "unseen_participant"), ("tail", "tail_class")):
+        idx = [i for i, r in enumerate(rows) if r[col]]
+        m = got[f"top5_recall_{subset}"]
+        assert 0 < len(idx) < len(rows) and m.n == len(idx)
+        assert m.value == pytest.approx(_official_mean_top5_recall([gold[i] for i in idx], [top5[i] for i in idx]))
+        assert m.ci_low <= m.value <= m.ci_high
+
+
+def test_ek100_subset_recall_bootstrap_matches_a_loop():
+    rng = np.random.default_rng(4)
+    rows = _ek_rows("noun", rng, 50)
+    df = frame(rows, "ek100", "noun")
+    prep = M._prepare_beams(protocol("ek100", "noun"), df)
+    w = np.vstack([np.ones(prep.n_videos)] + [rng.integers(0, 3, prep.n_videos) for _ in range(20)]).astype(float)
+    got = M.METRICS["top5_recall_tail"].fn(prep, w)
+    mask = prep.subsets["tail"]
+    hit = prep.hits.any(1)
+    for b in range(len(w)):
+        sw = w[b, prep.video] * mask
+        recalls = [sw[prep.gold == c] @ hit[prep.gold == c] / sw[prep.gold == c].sum()
+                   for c in np.unique(prep.gold) if sw[prep.gold == c].sum() > 0]
+        assert (math.isnan(got[b]) and not recalls) or got[b] == pytest.approx(np.mean(recalls))
+
+
+def test_ek100_subset_recall_unknown_membership_is_nan_and_said(caplog):
+    rows = [{"beams": ["take"], "answer": "take"}, {"beams": ["put"], "answer": "take"}]
+    with caplog.at_level("WARNING", logger="pipeline.metrics"):
+        got = {r.metric: r for r in M.score(protocol("ek100", "verb"), frame(rows, "ek100", "verb"), n_boot=10)}
+    for m in ("top5_recall_unseen", "top5_recall_tail"):
+        assert math.isnan(got[m].value) and got[m].n == 0 and math.isnan(got[m].ci_low)
+    assert got["top5_recall"].value == 50
+    assert "EPIC_100_unseen_participant_ids_validation.csv" in caplog.text and "EPIC_100_tail_verbs.csv" in caplog.text
+    # one unknown row makes the subset unknown; strings from a manifest are read too
+    rows = [{"beams": ["take"], "answer": "take", "unseen_participant": "true", "tail_class": None},
+            {"beams": ["put"], "answer": "take", "unseen_participant": "false", "tail_class": False}]
+    got = {r.metric: r for r in M.score(protocol("ek100", "verb"), frame(rows, "ek100", "verb"), n_boot=0)}
+    assert got["top5_recall_unseen"].value == 100 and got["top5_recall_unseen"].n == 1
+    assert math.isnan(got["top5_recall_tail"].value)
+    # a subset without any sample: NaN with n = 0
+    rows[0]["unseen_participant"] = "false"
+    got = {r.metric: r for r in M.score(protocol("ek100", "verb"), frame(rows, "ek100", "verb"), n_boot=0)}
+    assert math.isnan(got["top5_recall_unseen"].value) and got["top5_recall_unseen"].n == 0
+    with pytest.raises(ValueError, match="must be true or false"):
+        M.membership("maybe")
+    assert M.membership("maybe", strict=False) is None
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -299,11 +447,32 @@ def test_lvu_average_of_seven_tasks():
     # the same through score_predictions
     allrows = M.score_predictions(preds, n_boot=300)
     assert [r for r in allrows if r.task == "average"][0].value == pytest.approx(avg["top1"].value)
-    # a missing task: no average
-    assert M.lvu_average([r for r in rows if r.task != "year"]) == []
     # without draws: the value, NaN interval
     nodraw = M.lvu_average([{**dict(r), "draws": None} for r in rows])
     assert nodraw[0].value == avg["top1"].value and math.isnan(nodraw[0].ci_low)
+
+
+def test_lvu_average_of_the_tasks_present():
+    """Fewer than seven tasks: the mean of those present, under a task name that says which."""
+    preds = lvu_predictions()
+    rows = []
+    for t in ("director", "genre", "year"):
+        rows += M.score(protocol("lvu", t), preds, n_boot=100)
+    avg = {r.metric: r for r in M.lvu_average(rows)}
+    top1 = {r.task: r.value for r in rows if r.metric == "top1"}
+    assert avg["top1"].task == "average:director+genre+year"
+    assert avg["top1"].value == pytest.approx(np.mean(list(top1.values())))
+    assert avg["top1"].n == sum(r.n for r in rows if r.metric == "top1")
+    assert M.lvu_average_tasks(avg["top1"].task) == ("director", "genre", "year")
+    assert M.lvu_average_tasks("average") == LVU_TASKS and M.lvu_average_tasks("genre") is None
+    # a task whose value is NaN (no rows) is not present
+    nan_row = {**dict(rows[0]), "task": "writer", "value": math.nan, "n": 0}
+    assert M.lvu_average(rows + [nan_row])[0].task == "average:director+genre+year"
+    # through score_predictions, on a table holding those three tasks only
+    some = preds[preds.task.isin(["director", "genre", "year"])]
+    got = [r for r in M.score_predictions(some, n_boot=0) if r.task.startswith("average")]
+    assert [r.task for r in got] == ["average:director+genre+year"] * 2
+    assert got[0].value == pytest.approx(avg["top1"].value)
 
 
 # ----------------------------------------------------------------------------- captions (pure parts)
