@@ -205,17 +205,26 @@ def report(
     runs: Optional[list[str]] = typer.Argument(None, help="Run folders holding predictions/ (from infer)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder for metrics.parquet, leaderboard.md/.html and plots."),
     n_boot: Optional[int] = typer.Option(None, "--n-boot", help="Bootstrap resamples for the 95 % intervals."),
+    answer_rule: Optional[str] = typer.Option(
+        None, "--answer-rule",
+        help="How beams are matched with answers: 'reference' (default; the reference implementation's, "
+             "comparable with the paper) or 'lenient' (case, punctuation and spacing ignored; opt-in)."),
     config: Optional[Path] = ConfigOpt,
 ):
     """Score cached predictions (no model call) and write the leaderboard beside the paper's numbers."""
+    from pipeline.metrics import answer_rule as get_rule
     from stages import report as stage
 
-    cfg = resolve(ReportConfig, "report", config, runs=runs or None, out=out, n_boot=n_boot)
+    cfg = resolve(ReportConfig, "report", config, runs=runs or None, out=out, n_boot=n_boot, answer_rule=answer_rule)
     if not cfg.runs:
         _fail("error: give at least one run folder (e.g. `malmm-pipeline report work/runs/infer`)")
     try:
-        res = stage.run(cfg.runs, cfg.out, cfg.n_boot)
-    except FileNotFoundError as e:
+        get_rule(cfg.answer_rule)
+    except KeyError as e:
+        _fail(f"error: --answer-rule: {e.args[0]}")
+    try:
+        res = stage.run(cfg.runs, cfg.out, cfg.n_boot, answer_rule=cfg.answer_rule)
+    except (FileNotFoundError, stage.DuplicateRunLabel) as e:
         _fail(f"error: {e}")
     typer.echo("report: wrote " + ", ".join(res["files"]))
 

@@ -94,6 +94,7 @@ class ReportConfig:
     runs: list[str] = field(default_factory=list)
     out: str = "reports"
     n_boot: int = 1000
+    answer_rule: str = "reference"  # pipeline.metrics.ANSWER_RULES: "reference" (the paper's) or "lenient"
 
 
 SECTIONS = {"extract": ExtractConfig, "train": TrainConfig, "infer": InferConfig, "report": ReportConfig}

@@ -2,14 +2,18 @@
 
 The flow, top to bottom:
 
-1. **collect** – every run folder's ``predictions/*.parquet`` (written by `infer`).
-2. **score** – each (benchmark, task) with its protocol's answer rule and metrics
-   (`pipeline.metrics`), with 95 % bootstrap intervals resampled by video; LVU also
-   gets its seven-task average. Scores are cached per predictions fingerprint, so an
-   unchanged run is not re-scored.
-3. **render** – ``metrics.parquet`` (tidy), ``leaderboard.md`` and ``leaderboard.html``
-   with one table per benchmark family, every run beside the paper's reference and
-   ablation rows, best values marked; PNG plots beside them.
+1. **collect** – every run folder's ``predictions/*.parquet`` (written by `infer`). Two
+   run folders with the same label are refused (their rows would merge on the leaderboard).
+2. **score** – each (benchmark, task) with its protocol's comparison under one answer rule
+   (``reference`` by default, the reference implementation's; ``lenient`` on request) and
+   its metrics (`pipeline.metrics`), with 95 % bootstrap intervals resampled by video; LVU
+   also gets the average of the tasks present. Scores are cached per predictions
+   fingerprint, which includes the answer rule and its version, so an unchanged run is not
+   re-scored and a rule change re-scores.
+3. **render** – ``metrics.parquet`` (tidy; its ``answer_rule`` column names the rule as
+   ``name@version``), ``leaderboard.md`` and ``leaderboard.html`` with one table per
+   benchmark family and the answer rule in their heading, every run beside the paper's
+   reference and ablation rows, best values marked; PNG plots beside them.
 """
 from __future__ import annotations
 
@@ -27,13 +31,20 @@ from pipeline.shards import atomic_path, write_parquet
 
 METRIC_SCHEMA = pa.schema([("run", pa.string()), ("benchmark", pa.string()), ("task", pa.string()),
                            ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()),
-                           ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("fingerprint", pa.string())])
+                           ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("answer_rule", pa.string()),
+                           ("fingerprint", pa.string())])
 PAPER_ROW = "MA-LMM (paper)"
 ABLATION_ROW_PREFIX = "paper ablation: "
 FAMILY_TITLES = {"classification": "Long-term video classification (top-1 / top-5 %)",
                  "qa": "Video question answering (top-1 / top-5 %)",
                  "caption": "Video captioning (×100)",
                  "anticipation": "Action anticipation (%)"}
+#: bump when what report computes from the same predictions and rule changes (metrics added, …)
+SCORES_VERSION = 2
+
+
+class DuplicateRunLabel(ValueError):
+    """Two run folders given to one report carry the same label."""
 
 
 def run_label(run_dir: Path) -> str:
@@ -45,49 +56,88 @@ def run_label(run_dir: Path) -> str:
     return run_dir.name
 
 
-def predictions_fingerprint(files: list[Path], n_boot: int = 0) -> str:
-    """Identity of a run's scores: its prediction files' bytes and the bootstrap size."""
-    h = hashlib.sha256(f"n_boot={n_boot}".encode())
+def check_labels(run_dirs: list[Path]) -> dict[Path, str]:
+    """Each run folder's label; two different folders with one label are an error naming both."""
+    labels: dict[Path, str] = {}
+    first: dict[str, Path] = {}
+    clashes = []
+    for d in run_dirs:
+        key = d.resolve()
+        if key in labels:  # the same folder given twice: once is enough
+            continue
+        label = labels[key] = run_label(d)
+        if label in first:
+            clashes.append(f"{first[label]} and {d} are both labelled {label!r}")
+        else:
+            first[label] = d
+    if clashes:
+        raise DuplicateRunLabel("; ".join(clashes) + ". Their rows would merge on the leaderboard: give each run "
+                                "its own label (`malmm-pipeline infer --label NAME`, or config.label in the run's "
+                                "infer.json; without one, the folder name is the label)")
+    return labels
+
+
+def predictions_fingerprint(files: list[Path], n_boot: int = 0, answer_rule: str | None = None) -> str:
+    """Identity of a run's scores: its prediction files' bytes, the bootstrap size and the
+    answer rule with its version (``name@version``)."""
+    from pipeline.metrics import answer_rule as get_rule
+
+    rule = get_rule(answer_rule or "reference").id
+    h = hashlib.sha256(f"n_boot={n_boot};answer_rule={rule};scores=v{SCORES_VERSION}".encode())
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
-def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None) -> pd.DataFrame:
-    """Tidy metric rows for one run folder (from cache when its predictions are unchanged)."""
-    from pipeline.metrics import lvu_average, score
+def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None, answer_rule: str = "reference",
+              label: str | None = None) -> pd.DataFrame:
+    """Tidy metric rows for one run folder (from cache when its predictions and the answer
+    rule are unchanged)."""
+    from pipeline import metrics
 
+    rule = metrics.answer_rule(answer_rule)
     files = sorted((run_dir / "predictions").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no predictions/*.parquet; run `malmm-pipeline infer --out {run_dir}`")
-    fp = predictions_fingerprint(files, n_boot)
-    label = run_label(run_dir)
-    if cache is not None and len(cache):
-        hit = cache[(cache.run == label) & (cache.fingerprint == fp)]
+    fp = predictions_fingerprint(files, n_boot, rule.id)
+    label = label or run_label(run_dir)
+    if cache is not None and len(cache) and "answer_rule" in cache.columns:
+        hit = cache[(cache.run == label) & (cache.fingerprint == fp) & (cache.answer_rule == rule.id)]
         if len(hit):
-            return hit
+            return hit[METRIC_SCHEMA.names]
     rows = []
     for f in files:
         preds = pd.read_parquet(f)
         for (b, t), df in preds.groupby(["benchmark", "task"], sort=True):
-            rows += [dict(r) for r in score(protocol(b, t), df, n_boot=n_boot)]
-        if (preds.benchmark == "lvu").any():
-            rows += [dict(r) for r in lvu_average([r for r in rows if r["benchmark"] == "lvu"])]
+            rows += [dict(r) for r in metrics.score(protocol(b, t), df, n_boot=n_boot, rule=rule)]
+    rows += [dict(r) for r in metrics.lvu_average([r for r in rows if r["benchmark"] == "lvu"])]
     out = pd.DataFrame(rows)
     out.insert(0, "run", label)
+    out["answer_rule"] = rule.id
     out["fingerprint"] = fp
     return out[METRIC_SCHEMA.names]
 
 
-def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: bool = True) -> dict:
+def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: bool = True,
+        answer_rule: str = "reference") -> dict:
+    """Score ``runs`` (run folders) under ``answer_rule`` and write the leaderboard into ``out``."""
+    from pipeline.metrics import answer_rule as get_rule
+
+    rule = get_rule(answer_rule)  # an unknown rule fails before anything is read
+    labels = check_labels([Path(r) for r in runs])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_path = out_dir / "metrics.parquet"
     cache = pd.read_parquet(cache_path) if cache_path.exists() else None
     frames = []
+    done = set()
     for r in runs:
-        frames.append(score_run(Path(r), n_boot, cache))
+        key = Path(r).resolve()
+        if key in done:
+            continue
+        done.add(key)
+        frames.append(score_run(Path(r), n_boot, cache, rule.id, labels[key]))
         print(f"report: scored {r}", file=sys.stderr, flush=True)
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_SCHEMA.names)
     write_parquet(cache_path, pa.Table.from_pandas(metrics, schema=METRIC_SCHEMA, preserve_index=False))
@@ -111,45 +161,67 @@ def _fmt(value: float, lo: float, hi: float) -> str:
     return f"{value:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
+def column_label(benchmark: str, task: str, metric: str) -> str:
+    """A leaderboard column: ``benchmark / task / metric``; an LVU average says what it covers."""
+    from pipeline.metrics import lvu_average_tasks
+
+    covers = lvu_average_tasks(task) if benchmark == "lvu" else None
+    if covers is not None:
+        task = ("average of 7 tasks" if len(covers) == 7 else f"average of {len(covers)} tasks ("
+                + ", ".join(covers) + ")")
+    return " / ".join(x for x in (benchmark, task, metric) if x)
+
+
+def paper_value(benchmark: str, task: str, metric: str) -> float | None:
+    """The paper's number for a column: the registry's, or for an LVU average the mean of the
+    paper's per-task values over the tasks it covers (None when the paper has none)."""
+    from pipeline.metrics import lvu_average_tasks
+
+    covers = lvu_average_tasks(task) if benchmark == "lvu" else None
+    if covers is not None:
+        vals = [protocol("lvu", t).paper.get(metric) for t in covers]
+        return float(sum(vals) / len(vals)) if vals and all(v is not None for v in vals) else None
+    try:
+        return protocol(benchmark, task).paper.get(metric)
+    except KeyError:
+        return None
+
+
 def family_tables(metrics: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One wide table per benchmark family: rows = runs (+ paper rows), columns = benchmark / task / metric."""
+    from pipeline.metrics import lvu_average_tasks
+
     fam_of = {(b, t): p.family for (b, t), p in PROTOCOLS.items()}
     tables: dict[str, list[dict]] = {}
     m = metrics[metrics.metric != "n_failed"].copy()
-    m["family"] = [fam_of.get((b, t), fam_of.get((b, ""), "classification")) if t != "average" else "classification"
-                   for b, t in zip(m.benchmark, m.task)]
+    m["family"] = [fam_of.get((b, t), fam_of.get((b, ""), "classification"))
+                   if lvu_average_tasks(t) is None else "classification" for b, t in zip(m.benchmark, m.task)]
     for fam, df in m.groupby("family", sort=False):
-        cols = {}
-        for _, r in df.iterrows():
-            col = " / ".join(x for x in (r.benchmark, r.task, r.metric) if x)
+        cols: dict[str, dict] = {}
+        keys: dict[str, tuple[str, str, str]] = {}
+        for r in df.itertuples(index=False):
+            col = column_label(r.benchmark, r.task, r.metric)
+            keys[col] = (r.benchmark, r.task, r.metric)
             cols.setdefault(col, {})[r.run] = (r.value, r.ci_low, r.ci_high)
-        rows = []
-        for run in dict.fromkeys(df.run):
-            rows.append({"run": run, **{c: v.get(run) for c, v in cols.items()}})
-        # paper reference rows for the benchmarks present
-        paper = {}
-        for c in cols:
-            parts = c.split(" / ")
-            b, metric = parts[0], parts[-1]
-            t = parts[1] if len(parts) == 3 else ""
-            try:
-                p = protocol(b, t if t != "average" else "")
-            except KeyError:
-                continue
-            ref = p.paper.get(metric)
-            if t == "average" and b == "lvu" and metric == "top1":
-                ref = 63.0
+        rows = [{"run": run, **{c: v.get(run) for c, v in cols.items()}} for run in dict.fromkeys(df.run)]
+        # paper reference rows for the columns present
+        nan = float("nan")
+        paper, ablations = {}, {}
+        for c, (b, t, metric) in keys.items():
+            ref = paper_value(b, t, metric)
             if ref is not None:
-                paper[c] = (ref, float("nan"), float("nan"))
-            for abl, val in p.ablations.items():
-                if metric == "top1":
-                    paper.setdefault(f"__abl_{abl}", {})
-                    paper[f"__abl_{abl}"][c] = (val, float("nan"), float("nan"))
-        if any(not k.startswith("__abl_") for k in paper):
-            rows.append({"run": PAPER_ROW, **{c: v for c, v in paper.items() if not c.startswith("__abl_")}})
-        for k, v in paper.items():
-            if k.startswith("__abl_"):
-                rows.append({"run": f"{ABLATION_ROW_PREFIX}{k[6:]}", **v})
+                paper[c] = (ref, nan, nan)
+            if metric == "top1" and lvu_average_tasks(t) is None:
+                try:
+                    abl = protocol(b, t).ablations
+                except KeyError:
+                    abl = {}
+                for name, val in abl.items():
+                    ablations.setdefault(name, {})[c] = (val, nan, nan)
+        if paper:
+            rows.append({"run": PAPER_ROW, **paper})
+        for name, v in ablations.items():
+            rows.append({"run": f"{ABLATION_ROW_PREFIX}{name}", **v})
         tables[fam] = rows
     return {fam: pd.DataFrame(rows) for fam, rows in tables.items()}
 
@@ -164,10 +236,26 @@ def _best(df: pd.DataFrame, col: str) -> float | None:
     return max(vals) if vals else None
 
 
+def _rules_line(metrics: pd.DataFrame) -> str:
+    """Which answer rule the scores use (per run when they differ)."""
+    from pipeline.metrics import ANSWER_RULES
+
+    if "answer_rule" not in metrics.columns or not len(metrics):
+        return "Answer rule: not recorded."
+    per_run = metrics.groupby("run", sort=False).answer_rule.agg(lambda x: ", ".join(dict.fromkeys(x.astype(str))))
+    ids = list(dict.fromkeys(per_run))
+    if len(ids) == 1:
+        name = ids[0].split("@")[0]
+        what = ANSWER_RULES[name].description if name in ANSWER_RULES else "unknown to this version"
+        return f"Answer rule: {ids[0]} — {what}."
+    return "Answer rules differ between runs: " + "; ".join(f"{r}: {i}" for r, i in per_run.items()) + "."
+
+
 def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
     """Markdown and HTML leaderboards; the best run value of each column is bold."""
+    rules = _rules_line(metrics)
     md = ["# Leaderboard", "", "Values are the run's score with its 95 % bootstrap interval (resampled by video); "
-          "paper rows are MA-LMM's published numbers (DESIGN §5). **Bold**: best run per column.", ""]
+          "paper rows are MA-LMM's published numbers. **Bold**: best run per column.", "", rules, ""]
     body = []
     for fam, df in family_tables(metrics).items():
         cols = [c for c in df.columns if c != "run"]
@@ -205,7 +293,7 @@ def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
             "td:first-child{text-align:left}.best{font-weight:bold;background:#e6f4ea}.paper{color:#666;"
             "font-style:italic}</style></head><body><h1>MA-LMM leaderboard</h1><p>Scores with 95 % bootstrap "
             "intervals (resampled by video). Grey rows: the paper's published numbers. Green: best run per column."
-            "</p>" + "".join(body) + "".join(f"<h2>{html.escape(Path(p).stem)}</h2><img src='{html.escape(p)}' "
+            f"</p><p class='rule'>{html.escape(rules)}</p>" + "".join(body) + "".join(f"<h2>{html.escape(Path(p).stem)}</h2><img src='{html.escape(p)}' "
                                              f"width='720'>" for p in images) + "</body></html>")
     return "\n".join(md), page
 

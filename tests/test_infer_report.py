@@ -127,8 +127,8 @@ def test_report_metrics_leaderboard_and_cache(zero_shot, tmp_path, monkeypatch):
     res = report.run([str(out)], str(rep_dir), n_boot=50)
     m = pd.read_parquet(rep_dir / "metrics.parquet")
     assert list(m.columns) == ["run", "benchmark", "task", "metric", "value", "n", "ci_low", "ci_high",
-                               "fingerprint"]
-    assert set(m.run) == {"tiny zero-shot"}
+                               "answer_rule", "fingerprint"]
+    assert set(m.run) == {"tiny zero-shot"} and set(m.answer_rule) == {"reference@1"}
     assert {"top1", "top5", "bleu4", "meteor", "rouge_l", "cider"} <= set(m.metric)
     acc = m[m.metric == "top1"]
     assert ((acc.value >= 0) & (acc.value <= 100) & (acc.ci_low <= acc.value) & (acc.value <= acc.ci_high)).all()
@@ -163,3 +163,137 @@ def test_report_leaderboard_paper_rows_and_best_marked():
     assert "MA-LMM (paper)" in md and "class='best'" in page
     paper = next(line for line in md.splitlines() if line.startswith("| MA-LMM (paper) |"))
     assert "**" not in paper and "74.6" in paper  # LVU director's published top-1, never marked best
+
+
+# ----------------------------------------------------------------------------- report on hand-made predictions
+
+def _hand_run(root, name, rows, label=None):
+    """A run folder holding predictions written by hand (no model): rows of (benchmark, task, beams, answer)."""
+    run = root / name
+    (run / "predictions").mkdir(parents=True)
+    recs = [{"sample_id": f"s{i:03d}", "benchmark": b, "task": t, "video": f"v{i:03d}", "beams": beams,
+             "answer": ans, "references": [], "error": None} for i, (b, t, beams, ans) in enumerate(rows)]
+    df = pd.DataFrame(recs)
+    for b, g in df.groupby("benchmark"):
+        g.to_parquet(run / "predictions" / f"{b}.parquet")
+    if label:
+        (run / "infer.json").write_text(json.dumps({"config": {"label": label}}))
+    return run
+
+
+MESSY = [("coin", "", ["Make sandwich.", "x"], "make sandwich"), ("coin", "", ["make sandwich"], "make sandwich"),
+         ("msrvtt-qa", "", ["couch in it"], "Couch"), ("msrvtt-qa", "", ["yes"], "yes")]
+
+
+def test_report_answer_rule_recorded_and_keys_the_cache(tmp_path, monkeypatch):
+    """The reference rule by default; the lenient rule on request; the rule (and its version) keys the cache."""
+    from dataclasses import replace as dc_replace
+
+    import pipeline.metrics as metrics
+    from stages import report
+
+    run = _hand_run(tmp_path, "r", MESSY, label="messy")
+    rep = tmp_path / "rep"
+    m = report.run([str(run)], str(rep), n_boot=0, plots=False)["metrics"]
+    top1 = m[m.metric == "top1"].set_index("benchmark").value
+    assert (top1["coin"], top1["msrvtt-qa"]) == (50, 50) and set(m.answer_rule) == {"reference@1"}
+    assert set(pd.read_parquet(rep / "metrics.parquet").answer_rule) == {"reference@1"}
+    md, page = (rep / "leaderboard.md").read_text(), (rep / "leaderboard.html").read_text()
+    assert "Answer rule: reference@1" in md and "Answer rule: reference@1" in page
+
+    m = report.run([str(run)], str(rep), n_boot=0, plots=False, answer_rule="lenient")["metrics"]
+    top1 = m[m.metric == "top1"].set_index("benchmark").value
+    assert (top1["coin"], top1["msrvtt-qa"]) == (100, 100) and set(m.answer_rule) == {"lenient@1"}
+    assert "Answer rule: lenient@1" in (rep / "leaderboard.md").read_text()
+
+    # the same rule again comes from the cache; a new version of the rule re-scores
+    calls = []
+    real_score = metrics.score
+    monkeypatch.setattr(metrics, "score", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    report.run([str(run)], str(rep), n_boot=0, plots=False, answer_rule="lenient")
+    assert calls == []
+    monkeypatch.setitem(metrics.ANSWER_RULES, "lenient", dc_replace(metrics.ANSWER_RULES["lenient"], version=2))
+    m = report.run([str(run)], str(rep), n_boot=0, plots=False, answer_rule="lenient")["metrics"]
+    assert calls and set(m.answer_rule) == {"lenient@2"}
+    with pytest.raises(KeyError, match="unknown answer rule 'loose'"):
+        report.run([str(run)], str(rep), n_boot=0, plots=False, answer_rule="loose")
+
+
+def test_report_refuses_two_runs_with_one_label(tmp_path):
+    from stages import report
+
+    a = _hand_run(tmp_path / "a", "test", MESSY)  # no label: both are called after their folder, "test"
+    b = _hand_run(tmp_path / "b", "test", MESSY)
+    with pytest.raises(report.DuplicateRunLabel, match=rf"{a} and {b} are both labelled 'test'.*--label"):
+        report.run([str(a), str(b)], str(tmp_path / "rep"), n_boot=0, plots=False)
+    c = _hand_run(tmp_path, "c", MESSY, label="test")
+    with pytest.raises(report.DuplicateRunLabel, match=rf"{a} and {c} are both labelled 'test'"):
+        report.run([str(a), str(c)], str(tmp_path / "rep"), n_boot=0, plots=False)
+    assert not (tmp_path / "rep" / "leaderboard.md").exists()
+    # the same folder twice is one run
+    m = report.run([str(a), str(a)], str(tmp_path / "rep"), n_boot=0, plots=False)["metrics"]
+    assert set(m.run) == {"test"} and not m.duplicated(["benchmark", "task", "metric"]).any()
+
+
+def test_report_lvu_average_of_the_tasks_present_beside_the_paper_mean(tmp_path):
+    """The LVU average covers the tasks present and says which; the paper row is the paper's mean over those."""
+    from stages import report
+
+    rows = [("lvu", "director", ["x"], "x"), ("lvu", "director", ["y"], "x"), ("lvu", "genre", ["drama"], "drama")]
+    run = _hand_run(tmp_path, "r", rows, label="two tasks")
+    m = report.run([str(run)], str(tmp_path / "rep"), n_boot=0, plots=False)["metrics"]
+    avg = m[(m.task == "average:director+genre") & (m.metric == "top1")]
+    assert len(avg) == 1 and avg.value.iloc[0] == pytest.approx((50 + 100) / 2)
+    md = (tmp_path / "rep" / "leaderboard.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    i = cols.index("lvu / average of 2 tasks (director, genre) / top1")
+    paper = next(line for line in md.splitlines() if line.startswith("| MA-LMM (paper) |"))
+    assert [c.strip() for c in paper.strip("|").split("|")][i] == "67.8"  # (74.6 + 61.0) / 2
+    assert "63.0" not in paper
+
+
+def test_report_paper_lvu_average_of_all_seven_tasks():
+    from stages.report import render
+
+    rows = [{"run": "A", "benchmark": "lvu", "task": "average", "metric": "top1", "value": 60.0, "n": 70,
+             "ci_low": 55.0, "ci_high": 65.0, "answer_rule": "reference@1", "fingerprint": "x"}]
+    md, _ = render(pd.DataFrame(rows))
+    assert "lvu / average of 7 tasks / top1" in md
+    paper = next(line for line in md.splitlines() if line.startswith("| MA-LMM (paper) |"))
+    assert "63.0" in paper  # mean of 58.2 / 44.8 / 80.3 / 74.6 / 61.0 / 70.4 / 51.9
+
+
+def test_report_ek100_subset_recalls_reach_the_leaderboard(tmp_path):
+    from stages import report
+
+    run = tmp_path / "ek"
+    (run / "predictions").mkdir(parents=True)
+    pd.DataFrame([{"sample_id": f"n{i}_verb", "benchmark": "ek100", "task": "verb", "video": f"P0{i}_01",
+                   "beams": beams, "answer": gold, "references": [], "error": None, "unseen_participant": i == 0,
+                   "tail_class": gold == "open"}
+                  for i, (beams, gold) in enumerate([(["take"], "take"), (["put"], "take"), (["open"], "open")])]
+                 ).to_parquet(run / "predictions" / "ek100.parquet")
+    m = report.run([str(run)], str(tmp_path / "rep"), n_boot=0, plots=False)["metrics"].set_index("metric")
+    assert (m.loc["top5_recall", "value"], m.loc["top5_recall_unseen", "value"], m.loc["top5_recall_tail", "value"]) \
+        == (pytest.approx(75), 100, 100)
+    assert (m.loc["top5_recall_unseen", "n"], m.loc["top5_recall_tail", "n"]) == (1, 1)
+    md = (tmp_path / "rep" / "leaderboard.md").read_text()
+    assert "ek100 / verb / top5_recall_unseen" in md and "ek100 / verb / top5_recall_tail" in md
+
+
+def test_cli_report_answer_rule_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    run = _hand_run(tmp_path, "r", MESSY, label="messy")
+    res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep"), "--n-boot", "0",
+                                   "--answer-rule", "lenient"])
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_parquet(tmp_path / "rep" / "metrics.parquet").answer_rule) == {"lenient@1"}
+    res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep"), "--answer-rule", "loose"])
+    assert res.exit_code == 2 and "unknown answer rule 'loose'" in res.output
+    twin = _hand_run(tmp_path / "x", "r", MESSY, label="messy")
+    res = CliRunner().invoke(app, ["report", str(run), str(twin), "--out", str(tmp_path / "rep2")])
+    assert res.exit_code == 2 and "both labelled 'messy'" in res.output
