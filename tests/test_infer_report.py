@@ -297,3 +297,24 @@ def test_cli_report_answer_rule_option(tmp_path):
     twin = _hand_run(tmp_path / "x", "r", MESSY, label="messy")
     res = CliRunner().invoke(app, ["report", str(run), str(twin), "--out", str(tmp_path / "rep2")])
     assert res.exit_code == 2 and "both labelled 'messy'" in res.output
+
+
+def test_infer_rows_carry_the_ek100_subsets_from_the_manifest(tmp_path, monkeypatch):
+    """`infer` copies the manifest's unseen_participant / tail_class cells into the predictions (null: unknown)."""
+    from pipeline.benchmarks import protocol
+    from pipeline.data import Sample
+    from stages import infer
+
+    monkeypatch.setattr(infer, "collate", lambda items: {"features": None, "prompts": [""] * len(items)})
+    monkeypatch.setattr(infer, "generate_batch", lambda model, f, prompts, proto, device: ([["take"]] * len(prompts),
+                                                                                           [1] * len(prompts)))
+    extras = [{"unseen_participant": "true", "tail_class": "false"}, {"unseen_participant": "", "tail_class": "true"},
+              {}]
+    samples = [Sample(f"n{i}_verb", "ek100", "verb", "val", f"P01_0{i}", f"k{i}", "p", "take", ["take"], extra=e)
+               for i, e in enumerate(extras)]
+    rows = infer._predict_chunk(None, {0: {}, 1: {}, 2: {}}, samples, [0, 1, 2], protocol("ek100", "verb"), 32, "cpu",
+                                "ck", ["f0", "f1", "f2"])
+    assert [(r["unseen_participant"], r["tail_class"]) for r in rows] == [(True, False), (None, True), (None, None)]
+    infer._write_predictions(tmp_path, rows)
+    back = pd.read_parquet(tmp_path / "predictions" / "ek100.parquet")
+    assert back.unseen_participant.tolist() == [True, None, None] and back.tail_class.tolist() == [False, True, None]
