@@ -103,9 +103,9 @@ protocol, and independent of row order. ``n_boot=0`` gives NaN intervals.
 
 The LVU average is the mean of top-1 (and of top-5) over the LVU tasks present (never a
 constant); its task, ``average`` for all seven or e.g. ``average:director+genre``, names
-the tasks it covers. Its interval is the percentile interval of the mean of the tasks' draws. Each task is resampled on its own
-(LVU tasks are labelled on nearly disjoint sets of movies), so the draws are treated as
-independent across tasks.
+the tasks it covers. Its interval is the percentile interval of the mean of the tasks' draws.
+Each task is resampled on its own (LVU tasks are labelled on nearly disjoint sets of
+movies), so the draws are treated as independent across tasks.
 """
 from __future__ import annotations
 

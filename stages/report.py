@@ -293,8 +293,9 @@ def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
             "td:first-child{text-align:left}.best{font-weight:bold;background:#e6f4ea}.paper{color:#666;"
             "font-style:italic}</style></head><body><h1>MA-LMM leaderboard</h1><p>Scores with 95 % bootstrap "
             "intervals (resampled by video). Grey rows: the paper's published numbers. Green: best run per column."
-            f"</p><p class='rule'>{html.escape(rules)}</p>" + "".join(body) + "".join(f"<h2>{html.escape(Path(p).stem)}</h2><img src='{html.escape(p)}' "
-                                             f"width='720'>" for p in images) + "</body></html>")
+            f"</p><p class='rule'>{html.escape(rules)}</p>" + "".join(body)
+            + "".join(f"<h2>{html.escape(Path(p).stem)}</h2><img src='{html.escape(p)}' width='720'>"
+                      for p in images) + "</body></html>")
     return "\n".join(md), page
 
 
