@@ -303,7 +303,8 @@ def lavis_to_hf_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _looks_lavis(keys) -> bool:
-    return any(k.startswith(("Qformer.", "llm_proj.", "image_pe", "ln_vision.")) for k in keys)
+    """LAVIS names that neither HF nor MALMM use (``ln_vision.*`` is MALMM's name too)."""
+    return any(k.startswith(("Qformer.", "llm_proj.", "image_pe")) for k in keys)
 
 
 # ----------------------------------------------------------------------------- our checkpoints
