@@ -132,7 +132,8 @@ def _predict_chunk(model, ds, samples, chunk, proto, num_frames, device, ckpt_id
     return [{"sample_id": s.sample_id, "benchmark": s.benchmark, "task": s.task, "split": s.split, "video": s.video,
              "key": s.key, "prompt": s.prompt, "beams": bm, "prediction": scored_prediction(proto, bm),
              "answer": s.answer, "references": list(s.references), "generation": gen, "num_frames": num_frames,
-             "memory": mem, "tokens": int(tk), "latency_s": latency, "checkpoint": ckpt_id, "fingerprint": fp, "error": err}
+             "memory": mem, "tokens": int(tk), "latency_s": latency, "checkpoint": ckpt_id, "fingerprint": fp,
+             "error": err}
             for s, bm, tk, err, fp in zip(samples, beams, tokens, errors, fps)]
 
 
@@ -292,7 +293,12 @@ def protocol_settings(spec: ModelSpec, cfg: InferConfig, keys) -> tuple[dict, di
         malmm["max_frames"] = max(int(malmm["max_frames"]), most)
     if cfg.memory_length is not None:
         malmm["memory_length"] = int(cfg.memory_length)
-    asdict(MALMMConfig(**malmm))  # a clear error for an invalid --memory / --memory-length, before Ray starts
+    if cfg.num_frames is not None and cfg.num_frames < 1:
+        raise ValueError(f"--num-frames must be >= 1, got {cfg.num_frames}")
+    try:  # a clear error for an invalid --memory / --memory-length, before Ray starts
+        MALMMConfig(**malmm)
+    except ValueError as e:
+        raise ValueError(f"--memory {malmm['memory']} / --memory-length {malmm['memory_length']}: {e}") from None
     return settings, malmm, notes
 
 

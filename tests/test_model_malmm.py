@@ -212,6 +212,14 @@ def test_per_frame_is_the_reference_no_memory_path(tiny_dir):
         MALMMConfig(memory="per_frame", aggregation="concat")
 
 
+def test_train_accepts_the_per_frame_memory_mode():
+    from pipeline.config import TrainConfig
+    from stages.train import malmm_config
+
+    hp = {"memory_length": 8, "num_frames": 12, "frame_position_init": "zeros", "loss_reduction": "token"}
+    assert malmm_config(TrainConfig(memory="per_frame"), hp).memory == "per_frame"
+
+
 def test_qformer_instruction_is_truncated_from_the_left(tiny_dir):
     """As the reference's Q-Former tokenizer (truncation_side='left'): a long instruction keeps its end."""
     model = make(tiny_dir, max_prompt_tokens=6)
