@@ -211,8 +211,8 @@ class ModelSpec:
 def _resolve_model(cfg: InferConfig, trust_pickle: bool = False) -> ModelSpec:
     """The base model, checkpoint and MALMMConfig (as a dict) that ``--checkpoint`` names, with its recorded T and L."""
     from pipeline.defaults import resolve_model_dir
-    from pipeline.model.checkpoint import CHECKPOINT_CONFIG, lavis_recorded_settings, malmm_config_from_lavis
-    from pipeline.model.modeling_malmm import MALMMConfig
+    from pipeline.model.checkpoint import CHECKPOINT_CONFIG, malmm_config_from_lavis, release_info
+    from pipeline.model.modeling_malmm import LAVIS_LN_VISION_EPS, MALMMConfig
 
     # absolute: the Ray actors that load them do not run in the driver's folder
     ckpt = Path(cfg.checkpoint).resolve() if cfg.checkpoint else None
@@ -234,10 +234,9 @@ def _resolve_model(cfg: InferConfig, trust_pickle: bool = False) -> ModelSpec:
     if ckpt and ckpt.is_dir() and (ckpt / "config.json").exists():  # an HF InstructBLIP directory: zero-shot
         return ModelSpec(str(ckpt), None, asdict(MALMMConfig()), "instructblip")
     if ckpt and ckpt.is_file():  # a released MA-LMM / LAVIS checkpoint
-        recorded = {}
-        if ckpt.suffix != ".safetensors":  # a pickle: its saved LAVIS run configuration
-            recorded = lavis_recorded_settings(ckpt, trust_pickle=trust_pickle)
-        malmm = asdict(malmm_config_from_lavis(recorded))
+        recorded = release_info(ckpt, trust_pickle=trust_pickle)  # a .pth: its saved LAVIS run configuration
+        malmm = asdict(replace(malmm_config_from_lavis(recorded),  # LAVIS weights: LAVIS' ln_vision epsilon
+                               ln_vision_eps=LAVIS_LN_VISION_EPS if recorded["lavis_names"] else None))
         length = recorded.get("memory_bank_length")
         return ModelSpec(str(resolve_model_dir(cfg.model)), str(ckpt), malmm, "release", recorded.get("num_frames"),
                          length or None, None if length is None else malmm["memory"])

@@ -39,6 +39,9 @@ def lavis_files(tiny_model, tmp_path_factory):
     torch.save({"model": lavis, "config": {"model": {"memory_bank_length": 6, "num_frames": 9}}}, out / "mbc.pth")
     torch.save({"model": lavis, "config": {"model": {"memory_bank_length": 0, "num_frames": 9}}}, out / "none.pth")
     torch.save({"model": lavis}, out / "bare.pth")
+    from safetensors.torch import save_file  # a release file with MALMM / HF names, not LAVIS'
+    save_file({k: v.contiguous() for k, v in load_malmm(tiny_model).trainable_state_dict().items()},
+              str(out / "hf.safetensors"))
     return out
 
 
@@ -105,6 +108,9 @@ def test_lavis_pth_uses_its_saved_config_and_lavis_eps(lavis_files):
     _, tl, malmm, _ = _settings(lavis_files / "bare.pth", trust_pickle=True)
     assert tl[("lvu", "genre")] == (100, 20) and tl[("synthetic", "first_color")] == (12, 8)
     assert malmm["ln_vision_eps"] == 1e-5
+    # weights with other names keep the base model's epsilon
+    spec, tl, malmm, _ = _settings(lavis_files / "hf.safetensors")
+    assert spec.kind == "release" and malmm["ln_vision_eps"] is None and tl[("lvu", "genre")] == (100, 20)
 
 
 def test_several_benchmarks_in_one_batch_run_each_at_its_own_T_and_L(tiny_model, features_small, test_samples):

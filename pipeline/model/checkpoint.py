@@ -375,7 +375,21 @@ def lavis_recorded_settings(checkpoint: str | Path, trust_pickle: bool = False) 
     from ``config.model``; ``num_frames`` from ``config.model``, else from the datasets (when they
     agree). Each is None when the file does not record it (e.g. a bare state dict).
     """
-    obj = _load_pickle(Path(checkpoint), trust_pickle)
+    return _recorded_settings(_load_pickle(Path(checkpoint), trust_pickle))
+
+
+def release_info(checkpoint: str | Path, trust_pickle: bool = False) -> dict:
+    """:func:`lavis_recorded_settings` of a release file (none for safetensors) and ``lavis_names``:
+    whether its tensors carry LAVIS names (then it runs with LAVIS' ``ln_vision`` epsilon)."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        return {"memory_bank_length": None, "num_frames": None, "lavis_names": _looks_lavis(_file_keys(path))}
+    obj = _load_pickle(path, trust_pickle)
+    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else {}
+    return {**_recorded_settings(obj), "lavis_names": isinstance(state, dict) and _looks_lavis(state)}
+
+
+def _recorded_settings(obj) -> dict:
     cfg = obj.get("config") if isinstance(obj, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
@@ -395,10 +409,11 @@ def lavis_recorded_settings(checkpoint: str | Path, trust_pickle: bool = False) 
 
 
 def malmm_config_from_lavis(recorded: dict, base: MALMMConfig | None = None) -> MALMMConfig:
-    """The :class:`MALMMConfig` a LAVIS checkpoint ran with: ``memory_bank_length`` L > 0 is MA-LMM's
-    MBC with both banks at L; 0 is the reference's no-memory path, ``memory="per_frame"``. LAVIS'
-    ``ln_vision`` epsilon. Settings it does not record come from ``base``."""
-    cfg = replace(base or MALMMConfig(), ln_vision_eps=LAVIS_LN_VISION_EPS)
+    """The memory settings a LAVIS checkpoint ran with: ``memory_bank_length`` L > 0 is MA-LMM's MBC
+    with both banks at L; 0 is the reference's no-memory path, ``memory="per_frame"``. Settings it
+    does not record come from ``base``. (LAVIS' ``ln_vision`` epsilon is set by :func:`load_checkpoint`
+    when it finds LAVIS names.)"""
+    cfg = base or MALMMConfig()
     length = recorded.get("memory_bank_length")
     if length is None:
         return cfg
