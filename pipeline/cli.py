@@ -127,7 +127,7 @@ def train(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="One task (e.g. an LVU task); default: all tasks of the benchmark."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, metrics.parquet); a folder with a checkpoint is resumed."),
     model: Optional[str] = typer.Option(None, "--model", help="'tiny' or a local InstructBLIP directory (Q-Former, projection, LLM)."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory bank policy: mbc | fifo | none (last frame only)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory: mbc | fifo | none (last frame only) | per_frame (the reference's no-memory path, memory_bank_length=0: every frame through the Q-Former alone, all T x Nq query outputs to the LLM, no frame position embedding)."),
     visual_memory: Optional[bool] = typer.Option(None, "--visual-memory/--no-visual-memory", help="Use the visual memory bank."),
     query_memory: Optional[bool] = typer.Option(None, "--query-memory/--no-query-memory", help="Use the query memory bank."),
     aggregation: Optional[str] = typer.Option(None, "--aggregation", help="memory | concat | avgpool (Table 8 baselines)."),
@@ -179,6 +179,9 @@ def infer(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder for predictions/{benchmark}.parquet."),
     label: Optional[str] = typer.Option(None, "--label", help="The run's name in the leaderboard (default: the folder name)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model when the checkpoint does not name one ('tiny' or a directory)."),
+    num_frames: Optional[int] = typer.Option(None, "--num-frames", help="Frames T per sample, for every benchmark. Default: what the checkpoint was trained with (a LAVIS .pth: its saved num_frames), else each benchmark's protocol. Contradicting the checkpoint warns; the predictions record what was used."),
+    memory_length: Optional[int] = typer.Option(None, "--memory-length", "-L", help="Memory bank length L. Default: the checkpoint's (a LAVIS .pth: its memory_bank_length), else each benchmark's protocol. Contradicting the checkpoint warns."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory mode mbc | fifo | none | per_frame (default: the checkpoint's; mbc zero-shot; a LAVIS .pth with memory_bank_length 0: per_frame)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per generation batch."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Generator actors (one GPU each when there are GPUs)."),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per generator actor."),
@@ -187,15 +190,21 @@ def infer(
     address: Optional[str] = AddressOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Batched beam search with each benchmark's generation settings; re-runs skip what is already predicted."""
+    """Batched beam search with each benchmark's generation settings; re-runs skip what is already predicted.
+
+    Frames T and memory length L per benchmark: --num-frames / --memory-length, else what the checkpoint
+    records (a training run: what it was trained with; a LAVIS .pth: its saved memory_bank_length and
+    num_frames), else each benchmark's protocol. infer.json and each prediction row record what was used.
+    """
     from stages import infer as stage
 
     cfg = resolve(InferConfig, "infer", config, checkpoint=checkpoint, features=features, manifest=manifest,
-                  split=split, benchmark=benchmark, task=task, out=out, label=label, model=model, batch_size=batch_size,
+                  split=split, benchmark=benchmark, task=task, out=out, label=label, model=model,
+                  num_frames=num_frames, memory_length=memory_length, memory=memory, batch_size=batch_size,
                   workers=workers, num_gpus=num_gpus, dry_run=dry_run, address=address)
     try:
         res = stage.run(cfg, trust_pickle=trust_pickle)
-    except (ManifestError, ValueError, FileNotFoundError) as e:
+    except (ManifestError, ValueError, FileNotFoundError, PermissionError) as e:
         _fail(f"error: {e}")
     typer.echo(f"infer: {res}")
 

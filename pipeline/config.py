@@ -46,7 +46,7 @@ class TrainConfig:
     task: str | None = None  # default: all tasks of the benchmark
     out: str = "work/runs/train"
     model: str = "tiny"
-    memory: str = "mbc"  # mbc | fifo | none
+    memory: str = "mbc"  # mbc | fifo | none (last frame only) | per_frame (the reference's memory_bank_length=0)
     visual_memory: bool = True
     query_memory: bool = True
     aggregation: str = "memory"  # memory | concat | avgpool
@@ -82,6 +82,11 @@ class InferConfig:
     out: str = "work/runs/infer"
     label: str | None = None  # the run's name in the leaderboard (default: the folder name)
     model: str = "tiny"
+    # T, L and the memory mode; None: what the checkpoint records (our checkpoints: how they were trained;
+    # a LAVIS .pth: its saved config), else each benchmark's protocol. Contradicting a checkpoint warns.
+    num_frames: int | None = None
+    memory_length: int | None = None
+    memory: str | None = None  # mbc | fifo | none | per_frame
     batch_size: int = 16
     workers: int = 1
     num_gpus: float | None = None

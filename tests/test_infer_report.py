@@ -77,7 +77,11 @@ def test_infer_writes_predictions_and_resume_adds_no_duplicates(zero_shot, featu
     df = pd.read_parquet(path)
     assert len(df) == len(test_samples) and df.sample_id.is_unique
     assert {"beams", "prediction", "fingerprint", "checkpoint", "error", "generation"} <= set(df.columns)
-    assert json.loads((out / "infer.json").read_text())["config"]["label"] == "tiny zero-shot"
+    info = json.loads((out / "infer.json").read_text())
+    assert info["config"]["label"] == "tiny zero-shot"
+    # zero-shot: the synthetic protocol's T = 12 and L = 8 (not MALMMConfig's default L = 20), recorded per row
+    assert set(df.num_frames) == {12} and {json.loads(m)["memory_length"] for m in df.memory} == {8}
+    assert {v["memory_length"] for v in info["protocols"].values()} == {8}
 
     # re-run: everything already predicted under the same fingerprint
     again = infer.run(_infer_cfg(features_small, synth_small, out, tiny_model, label="tiny zero-shot"),
@@ -110,12 +114,14 @@ def test_checkpoint_kinds_resolve(tiny_model, tmp_path):
     save_checkpoint(model, run / "checkpoints" / "step-00000003")
     (run / "latest.json").write_text(json.dumps({"checkpoint": "step-00000003"}))
     (run / "run.json").write_text(json.dumps({"hp": {"num_frames": 12}}))
-    model_dir, ckpt, malmm, frames = _resolve_model(InferConfig(checkpoint=str(run)))
-    assert ckpt.endswith("step-00000003") and malmm["memory"] == "fifo" and malmm["memory_length"] == 4
-    assert frames == 12 and model_dir == str(tiny_model)
-    # an HF InstructBLIP directory → zero-shot
-    model_dir, ckpt, malmm, frames = _resolve_model(InferConfig(checkpoint=str(tiny_model)))
-    assert model_dir == str(tiny_model) and ckpt is None and frames is None
+    spec = _resolve_model(InferConfig(checkpoint=str(run)))
+    assert spec.checkpoint.endswith("step-00000003") and spec.malmm["memory"] == "fifo"
+    assert spec.malmm["memory_length"] == 4 and spec.memory_length == 4 and spec.kind == "checkpoint"
+    assert spec.num_frames == 12 and spec.model_dir == str(tiny_model)
+    # an HF InstructBLIP directory → zero-shot: nothing recorded, each protocol's T and L apply
+    spec = _resolve_model(InferConfig(checkpoint=str(tiny_model)))
+    assert spec.model_dir == str(tiny_model) and spec.checkpoint is None and spec.kind == "instructblip"
+    assert spec.num_frames is None and spec.memory_length is None
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         _resolve_model(InferConfig(checkpoint=str(tmp_path / "nothing")))
 

@@ -295,3 +295,55 @@ def test_not_an_instructblip_dir(tmp_path):
         load_malmm(tmp_path)
     with pytest.raises(ValueError):
         load_vision_model(tmp_path)
+
+
+def test_lavis_import_uses_lavis_ln_vision_eps(tiny_dir, tmp_path):
+    """LAVIS' ln_vision is a torch LayerNorm with its default epsilon 1e-5 (HF's post_layernorm: the vision
+    config's 1e-6); a LAVIS import runs with LAVIS' epsilon, and a checkpoint saved from it keeps it."""
+    import torch.nn.functional as F
+
+    source = load_malmm(tiny_dir, MALMMConfig())
+    assert source.ln_vision.eps == 1e-6  # the tiny vision config's layer_norm_eps, as HF InstructBLIP's
+    path = tmp_path / "malmm.pth"
+    torch.save({"model": to_lavis_names(source)}, path)
+    with pytest.warns(UserWarning, match="ignored"):
+        loaded = load_malmm(tiny_dir, MALMMConfig(), checkpoint=path, trust_pickle=True)
+    assert loaded.ln_vision.eps == 1e-5 and loaded.config.ln_vision_eps == 1e-5
+    # features of small variance, where the epsilon matters
+    x = features(T=1) * 1e-3
+    with torch.no_grad():
+        got = loaded.frame_features(x, 0)
+        w, b = loaded.ln_vision.weight, loaded.ln_vision.bias
+        expected = F.layer_norm(x, (64,), w, b, 1e-5) + loaded.frame_position_embedding[0]
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert not torch.allclose(got, F.layer_norm(x, (64,), w, b, 1e-6) + loaded.frame_position_embedding[0],
+                                  atol=1e-3)
+    save_checkpoint(loaded, tmp_path / "ours")
+    assert load_malmm(tiny_dir, checkpoint=tmp_path / "ours").ln_vision.eps == 1e-5
+
+
+def test_lavis_saved_config_gives_memory_settings(tiny_dir, tmp_path):
+    """A LAVIS .pth carries its run configuration: memory_bank_length L (0 = the no-memory path) and num_frames."""
+    lavis = to_lavis_names(load_malmm(tiny_dir, MALMMConfig()))
+    runs = {"mbc": {"model": {"arch": "blip2_vicuna_instruct_malmm", "memory_bank_length": 10, "num_frames": 20}},
+            "no_memory": {"model": {"memory_bank_length": 0}, "datasets": {"breakfast_cls": {"num_frames": 100}}},
+            "bare": None}
+    for name, cfg in runs.items():
+        obj = {"model": lavis, "epoch": 1} if cfg is None else {"model": lavis, "config": cfg, "epoch": 1}
+        torch.save(obj, tmp_path / f"{name}.pth")
+    with pytest.warns(UserWarning):
+        mbc = load_malmm(tiny_dir, checkpoint=tmp_path / "mbc.pth", trust_pickle=True)
+        none = load_malmm(tiny_dir, checkpoint=tmp_path / "no_memory.pth", trust_pickle=True)
+    assert (mbc.config.memory, mbc.config.memory_length) == ("mbc", 10)
+    assert none.config.memory == "per_frame"
+    assert mbc.config.ln_vision_eps == none.config.ln_vision_eps == 1e-5
+
+    from pipeline.model.checkpoint import lavis_recorded_settings
+    with pytest.raises(PermissionError, match="trust_pickle"):
+        lavis_recorded_settings(tmp_path / "mbc.pth")
+    assert lavis_recorded_settings(tmp_path / "mbc.pth", trust_pickle=True) == \
+        {"memory_bank_length": 10, "num_frames": 20}
+    assert lavis_recorded_settings(tmp_path / "no_memory.pth", trust_pickle=True) == \
+        {"memory_bank_length": 0, "num_frames": 100}
+    assert lavis_recorded_settings(tmp_path / "bare.pth", trust_pickle=True) == \
+        {"memory_bank_length": None, "num_frames": None}

@@ -95,7 +95,7 @@ def test_parameter_names_match_hf_qformer(tiny_dir):
 
 @pytest.mark.parametrize("kw", [dict(memory="mbc", memory_length=3), dict(memory="fifo", memory_length=2),
                                 dict(memory="none"), dict(aggregation="concat"), dict(aggregation="avgpool"),
-                                dict(memory="mbc", memory_length=2, visual_memory=False)])
+                                dict(memory="mbc", memory_length=2, visual_memory=False), dict(memory="per_frame")])
 def test_chunked_equals_whole(tiny_dir, kw):
     model = make(tiny_dir, **kw)
     x = features(T=7)
@@ -173,6 +173,61 @@ def test_memory_none_is_last_frame_only(tiny_dir):
         alone = model.step(alone, x[:, 4:])
     assert state.visual is None and all(b is None for b in state.queries)
     torch.testing.assert_close(model.readout(state), model.readout(alone), atol=0, rtol=0)
+
+
+def test_per_frame_is_the_reference_no_memory_path(tiny_dir):
+    """memory='per_frame' (the reference's memory_bank_length = 0): every frame through the HF Q-Former on
+    its own, with the instruction, after ln_vision and without the frame position embedding; the T x Nq
+    query outputs of all frames, in frame order, are the LLM's video tokens."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    ref = InstructBlipForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = make(tiny_dir, memory="per_frame", max_frames=4)  # a non-zero PE that must not be used
+    assert bool(model.frame_position_embedding.abs().sum() > 0)
+    B, T, nq = 3, 6, model.num_query_tokens  # 6 frames: more than max_frames (no position table is read)
+    x = features(B=B, T=T)
+    with torch.no_grad():
+        enc = model.qformer_tokenizer(PROMPTS, padding="longest", return_tensors="pt")
+        mask = torch.cat([torch.ones(B, nq, dtype=torch.long), enc.attention_mask], dim=1)
+        per_frame = []
+        for t in range(T):
+            image = torch.nn.functional.layer_norm(x[:, t], (64,), model.ln_vision.weight, model.ln_vision.bias,
+                                                   model.ln_vision.eps)
+            out = ref.qformer(input_ids=enc.input_ids, attention_mask=mask,
+                              query_embeds=ref.query_tokens.expand(B, -1, -1), encoder_hidden_states=image,
+                              encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long)).last_hidden_state
+            per_frame.append(out[:, :nq])
+        expected = ref.language_projection(torch.cat(per_frame, dim=1))  # [B, T·Nq, H]: frame 0 first
+        video = model.encode_video(x, PROMPTS)
+    assert video.shape == (B, T * nq, ref.language_projection.out_features)
+    torch.testing.assert_close(video, expected, atol=1e-5, rtol=0)
+    # the LLM reads all T·Nq tokens: training and generation run on them
+    out = model.forward(x, PROMPTS, ["red", "left", "circle"])
+    assert torch.isfinite(out.loss) and out.logits.shape[1] > T * nq
+    out.loss.backward()
+    assert model.query_tokens.grad is not None and bool(model.query_tokens.grad.abs().sum() > 0)
+    beams = model.generate(x, PROMPTS, num_beams=2, max_new_tokens=2, num_return_sequences=2)
+    assert len(beams) == B and all(len(b) == 2 for b in beams)
+    with pytest.raises(ValueError, match="per_frame"):
+        MALMMConfig(memory="per_frame", aggregation="concat")
+
+
+def test_train_accepts_the_per_frame_memory_mode():
+    from pipeline.config import TrainConfig
+    from stages.train import malmm_config
+
+    hp = {"memory_length": 8, "num_frames": 12, "frame_position_init": "zeros", "loss_reduction": "token"}
+    assert malmm_config(TrainConfig(memory="per_frame"), hp).memory == "per_frame"
+
+
+def test_qformer_instruction_is_truncated_from_the_left(tiny_dir):
+    """As the reference's Q-Former tokenizer (truncation_side='left'): a long instruction keeps its end."""
+    model = make(tiny_dir, max_prompt_tokens=6)
+    prompt = "what colour was the first object that moved left ?"
+    full = model.qformer_tokenizer(prompt)["input_ids"]
+    assert len(full) > 6
+    ids = model.init_state([prompt]).instruction_ids[0].tolist()
+    assert ids == [full[0]] + full[1:-1][-4:] + [full[-1]]  # [CLS] the last four words [SEP]
 
 
 def test_first_frame_places_a_clip_in_the_position_table(tiny_dir):

@@ -9,8 +9,11 @@ Three sources of weights (DESIGN §2):
 * our checkpoints: ``trainable.safetensors`` (trainable tensors only) + ``malmm_config.json``
   (:func:`save_checkpoint` / :func:`load_checkpoint`);
 * released MA-LMM / LAVIS checkpoints (``.pth`` pickles holding ``{"model": state_dict}`` with
-  LAVIS names), through the documented key mapping :func:`lavis_to_hf_keys`. Pickles can run code
-  when loaded, so they are refused unless the caller passes ``trust_pickle=True``.
+  LAVIS names, and LAVIS' run configuration under ``"config"``), through the documented key mapping
+  :func:`lavis_to_hf_keys`. Pickles can run code when loaded, so they are refused unless the caller
+  passes ``trust_pickle=True``. Such weights run as LAVIS ran them: ``ln_vision`` with LAVIS'
+  epsilon (1e-5), and the memory bank length and frame count the saved configuration records
+  (:func:`lavis_recorded_settings`, :func:`malmm_config_from_lavis`).
 
 Tensors are read selectively with ``safetensors.safe_open``: loading MA-LMM from a 7B InstructBLIP
 checkpoint reads the Q-Former, the projection and the LLM, never the ViT body.
@@ -22,12 +25,12 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from pipeline.model.modeling_malmm import MALMM, MALMMConfig
+from pipeline.model.modeling_malmm import LAVIS_LN_VISION_EPS, MALMM, MALMMConfig
 
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_CONFIG = "malmm_config.json"
@@ -185,7 +188,8 @@ def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpo
     Args:
         model_dir: ``InstructBlipForConditionalGeneration.save_pretrained`` directory (safetensors,
             possibly sharded), with its tokenizers as ``InstructBlipProcessor.save_pretrained`` saves them.
-        config: MA-LMM options (memory policy, L, max_frames, ...); default ``MALMMConfig()``.
+        config: MA-LMM options (memory policy, L, max_frames, ...); default: the one recorded in
+            ``checkpoint`` (ours, or a LAVIS ``.pth``'s saved configuration), else ``MALMMConfig()``.
         checkpoint: our checkpoint directory / ``trainable.safetensors``, or a LAVIS ``.pth``.
         trust_pickle: allow unpickling a ``.pth`` checkpoint (only for files you trust).
         dtype: LLM dtype; default float32, or the checkpoint's half precision when CUDA is available.
@@ -197,7 +201,11 @@ def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpo
     from transformers import AutoTokenizer, InstructBlipConfig
 
     model_dir = Path(model_dir)
-    config = config or (read_checkpoint_config(checkpoint) if checkpoint is not None else None) or MALMMConfig()
+    if config is None and checkpoint is not None:
+        config = read_checkpoint_config(checkpoint)
+        if config is None and _is_pickle(Path(checkpoint)):  # a LAVIS release: the settings it records
+            config = malmm_config_from_lavis(lavis_recorded_settings(checkpoint, trust_pickle=trust_pickle))
+    config = config or MALMMConfig()
     raw = _model_config(model_dir)
     if raw.get("model_type") != "instructblip":
         raise ValueError(f"{model_dir}: model_type is {raw.get('model_type')!r}; load_malmm needs an InstructBLIP "
@@ -295,7 +303,8 @@ def lavis_to_hf_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _looks_lavis(keys) -> bool:
-    return any(k.startswith(("Qformer.", "llm_proj.", "image_pe", "ln_vision.")) for k in keys)
+    """LAVIS names that neither HF nor MALMM use (``ln_vision.*`` is MALMM's name too)."""
+    return any(k.startswith(("Qformer.", "llm_proj.", "image_pe")) for k in keys)
 
 
 # ----------------------------------------------------------------------------- our checkpoints
@@ -328,7 +337,11 @@ def read_checkpoint_config(checkpoint: str | Path) -> MALMMConfig | None:
     return MALMMConfig(**json.loads((path / CHECKPOINT_CONFIG).read_text())["malmm"])
 
 
-def _read_pickle(path: Path, trust_pickle: bool) -> dict:
+def _is_pickle(path: Path) -> bool:
+    return path.is_file() and path.suffix != ".safetensors"
+
+
+def _load_pickle(path: Path, trust_pickle: bool):
     if not trust_pickle:
         raise PermissionError(
             f"refusing to unpickle {path}: pickle files can execute arbitrary code when loaded. Pass "
@@ -340,6 +353,11 @@ def _read_pickle(path: Path, trust_pickle: bool) -> dict:
         warnings.warn(f"{path}: weights-only unpickling failed ({type(e).__name__}); unpickling fully because "
                       f"trust_pickle=True")
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj
+
+
+def _read_pickle(path: Path, trust_pickle: bool) -> dict:
+    obj = _load_pickle(path, trust_pickle)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -347,6 +365,62 @@ def _read_pickle(path: Path, trust_pickle: bool) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
     return obj
+
+
+def lavis_recorded_settings(checkpoint: str | Path, trust_pickle: bool = False) -> dict:
+    """What a LAVIS / MA-LMM ``.pth`` records about how it ran: ``memory_bank_length`` and ``num_frames``.
+
+    LAVIS' runner saves its whole run configuration beside the weights (``{"model": ..., "config":
+    {"model": {...}, "datasets": {name: {...}}, "run": {...}}}``). ``memory_bank_length`` is read
+    from ``config.model``; ``num_frames`` from ``config.model``, else from the datasets (when they
+    agree). Each is None when the file does not record it (e.g. a bare state dict).
+    """
+    return _recorded_settings(_load_pickle(Path(checkpoint), trust_pickle))
+
+
+def release_info(checkpoint: str | Path, trust_pickle: bool = False) -> dict:
+    """:func:`lavis_recorded_settings` of a release file (none for safetensors) and ``lavis_names``:
+    whether its tensors carry LAVIS names (then it runs with LAVIS' ``ln_vision`` epsilon)."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        return {"memory_bank_length": None, "num_frames": None, "lavis_names": _looks_lavis(_file_keys(path))}
+    obj = _load_pickle(path, trust_pickle)
+    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else {}
+    return {**_recorded_settings(obj), "lavis_names": isinstance(state, dict) and _looks_lavis(state)}
+
+
+def _recorded_settings(obj) -> dict:
+    cfg = obj.get("config") if isinstance(obj, dict) else None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+
+    def as_int(v):
+        try:
+            return None if v is None or isinstance(v, bool) else int(v)
+        except (TypeError, ValueError):
+            return None
+
+    length = as_int(model.get("memory_bank_length"))
+    frames = as_int(model.get("num_frames")) or None  # LAVIS' default 0 means "not set"
+    if frames is None and isinstance(cfg.get("datasets"), dict):
+        found = {as_int(d.get("num_frames")) for d in cfg["datasets"].values() if isinstance(d, dict)} - {None, 0}
+        frames = found.pop() if len(found) == 1 else None
+    return {"memory_bank_length": length, "num_frames": frames}
+
+
+def malmm_config_from_lavis(recorded: dict, base: MALMMConfig | None = None) -> MALMMConfig:
+    """The memory settings a LAVIS checkpoint ran with: ``memory_bank_length`` L > 0 is MA-LMM's MBC
+    with both banks at L; 0 is the reference's no-memory path, ``memory="per_frame"``. Settings it
+    does not record come from ``base``. (LAVIS' ``ln_vision`` epsilon is set by :func:`load_checkpoint`
+    when it finds LAVIS names.)"""
+    cfg = base or MALMMConfig()
+    length = recorded.get("memory_bank_length")
+    if length is None:
+        return cfg
+    if length == 0:
+        return replace(cfg, memory="per_frame")
+    return replace(cfg, memory="mbc", visual_memory=True, query_memory=True, aggregation="memory",
+                   memory_length=int(length))
 
 
 def _fit_frame_table(table: torch.Tensor, rows: int, source: str) -> torch.Tensor:
@@ -360,12 +434,27 @@ def _fit_frame_table(table: torch.Tensor, rows: int, source: str) -> torch.Tenso
     return torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
 
 
+def _use_lavis_ln_vision_eps(model: MALMM, source: str) -> None:
+    """LAVIS weights: ``ln_vision`` with LAVIS' epsilon, recorded in ``model.config`` (and so in a
+    checkpoint saved from the model); an explicit other ``ln_vision_eps`` is kept, with a warning."""
+    eps = model.config.ln_vision_eps
+    if eps is None:
+        model.config = replace(model.config, ln_vision_eps=LAVIS_LN_VISION_EPS)
+        model.ln_vision.eps = LAVIS_LN_VISION_EPS
+    elif float(eps) != LAVIS_LN_VISION_EPS:
+        warnings.warn(f"{source}: LAVIS weights were trained with ln_vision eps {LAVIS_LN_VISION_EPS}; keeping the "
+                      f"configured ln_vision_eps={eps}")
+
+
 def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = False) -> dict[str, list[str]]:
     """Apply a checkpoint to ``model`` in place; returns ``{"loaded": [...], "ignored": [...]}``.
 
     Accepts our checkpoint directory (or its ``trainable.safetensors``), any safetensors file with
     MALMM / HF / LAVIS names, and LAVIS ``.pth`` pickles (only with ``trust_pickle=True``; tried
     with ``torch.load(weights_only=True)`` first). LLM tensors are never taken from a checkpoint.
+    Weights with LAVIS names switch ``ln_vision`` to LAVIS' epsilon (1e-5) unless
+    ``model.config.ln_vision_eps`` is set; the memory settings a ``.pth`` records are applied by
+    :func:`load_malmm` (or :func:`malmm_config_from_lavis`), not here.
     """
     from safetensors.torch import load_file
 
@@ -387,7 +476,8 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
         state = load_file(str(path))
     else:  # .pth / .pt / .bin ...: a pickle
         state = _read_pickle(path, trust_pickle)
-    if _looks_lavis(state):
+    lavis = _looks_lavis(state)
+    if lavis:
         state = lavis_to_hf_keys(state)
     state = hf_to_malmm_keys(state)
 
@@ -417,4 +507,6 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
         warnings.warn(f"{path}: ignored {len(ignored)} tensors that are not MA-LMM's trainable part "
                       f"(e.g. {ignored[:4]})")
     model.load_state_dict(loadable, strict=False)
+    if lavis:
+        _use_lavis_ln_vision_eps(model, str(path))
     return {"loaded": sorted(loadable), "ignored": sorted(ignored)}

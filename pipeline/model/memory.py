@@ -161,7 +161,8 @@ class MemoryState:
         frames_seen: number of frames processed so far (the next frame's position index).
         last_hidden: Q-Former output ``[B, Nq + S, D]`` of the most recent step (None before any).
         frames: raw frame features kept by the memory-less baselines of the paper's Table 8
-            (``concat`` / ``avgpool`` aggregation), ``[B, T, P, C]``; None in memory mode.
+            (``concat`` / ``avgpool`` aggregation) and by the ``per_frame`` mode (every frame through
+            the Q-Former alone), ``[B, T, P, C]``; None otherwise.
     """
 
     instruction_ids: torch.Tensor

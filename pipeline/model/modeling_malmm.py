@@ -37,6 +37,12 @@ from transformers.activations import ACT2FN
 from pipeline.model.memory import POLICIES, MemoryState, push
 
 AGGREGATIONS = ("memory", "concat", "avgpool")
+#: ``MALMMConfig.memory``: the bank policies of :mod:`pipeline.model.memory` and the reference's
+#: no-memory path ``per_frame`` (its ``memory_bank_length = 0``)
+MEMORY_MODES = POLICIES + ("per_frame",)
+#: epsilon of LAVIS' ``ln_vision`` (a ``torch.nn.LayerNorm`` with its default epsilon); HF
+#: InstructBLIP's ``post_layernorm`` uses the vision config's ``layer_norm_eps`` (1e-6)
+LAVIS_LN_VISION_EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------- 1. configuration
@@ -76,7 +82,13 @@ class MALMMConfig:
 
     Attributes:
         memory: memory bank policy, ``mbc`` (memory bank compression, the paper's method),
-            ``fifo`` (drop the oldest slot) or ``none`` (no memory: the answer sees the last frame only).
+            ``fifo`` (drop the oldest slot) or ``none`` (no memory: the answer sees the last frame
+            only); or ``per_frame``, the reference code's no-memory path (its ``memory_bank_length
+            = 0``): every frame goes through the Q-Former on its own (with the instruction, without
+            any bank and without the frame position embedding) and the T x Nq query outputs of all
+            frames, in frame order, are the LLM's video tokens. ``per_frame`` needs ``aggregation
+            = "memory"``; ``visual_memory``, ``query_memory`` and ``memory_length`` do not apply,
+            and ``max_frames`` does not bound it (no position table is read).
         visual_memory: use the visual memory bank in cross-attention (ablation: visual memory only / off).
         query_memory: use the query memory banks in self-attention (ablation: query memory only / off).
         memory_length: L, the number of slots a bank keeps between steps.
@@ -87,7 +99,9 @@ class MALMMConfig:
             features averaged over time).
         num_query_tokens: learned queries; None = as in the base model (32 for InstructBLIP).
         max_prompt_tokens: LLM prompt tokens kept (left truncation), as LAVIS' ``max_txt_len``;
-            also the Q-Former instruction length limit.
+            also the Q-Former instruction length limit (special tokens included), truncated from the
+            left as well, as the reference's Q-Former tokenizer (``truncation_side="left"``): a long
+            instruction keeps its end, where the question is.
         max_target_tokens: LLM target tokens kept including eos (LAVIS' ``max_output_txt_len``).
         no_grad_prefix: run steps 0..T-2 without autograd in training; memory is detached, so the
             gradients are identical and no activations are kept for those steps.
@@ -104,6 +118,10 @@ class MALMMConfig:
         loss_reduction: ``token`` (the reference's: the mean over every target token of the batch) or
             ``sample`` (the mean over samples of each sample's mean token loss, so that in a batch that
             mixes tasks a 20-token caption weighs as much as a one-word answer, not 20 times more).
+        ln_vision_eps: epsilon of the vision layer norm ``ln_vision``; None = the base model's
+            ``vision_config.layer_norm_eps`` (1e-6 for HF InstructBLIP). Weights imported from a LAVIS /
+            MA-LMM release run with LAVIS' own :data:`LAVIS_LN_VISION_EPS` (1e-5), which
+            :func:`pipeline.model.checkpoint.load_checkpoint` records here.
     """
 
     memory: str = "mbc"
@@ -119,12 +137,18 @@ class MALMMConfig:
     memory_kv_cache: bool | None = None
     frame_position_init: str = "zeros"
     loss_reduction: str = "token"
+    ln_vision_eps: float | None = None
 
     def __post_init__(self):
-        if self.memory not in POLICIES:
-            raise ValueError(f"memory must be one of {POLICIES}, got {self.memory!r}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.memory == "per_frame" and self.aggregation != "memory":
+            raise ValueError(f"memory='per_frame' (every frame through the Q-Former alone) cannot be combined "
+                             f"with aggregation={self.aggregation!r}; use aggregation='memory' (the default)")
+        if self.ln_vision_eps is not None and not float(self.ln_vision_eps) > 0:
+            raise ValueError(f"ln_vision_eps must be > 0 (or None for the base model's), got {self.ln_vision_eps}")
         if int(self.memory_length) < 1:
             raise ValueError(f"memory_length (L) must be >= 1, got {self.memory_length}")
         if int(self.max_frames) < 1:
@@ -138,7 +162,15 @@ class MALMMConfig:
     def policy(self, bank: str) -> str:
         """Effective policy of the ``visual`` or ``query`` bank (``none`` when that bank is off)."""
         enabled = self.visual_memory if bank == "visual" else self.query_memory
+        if self.memory == "per_frame":
+            return "none"
         return self.memory if enabled and self.aggregation == "memory" else "none"
+
+    @property
+    def collects_frames(self) -> bool:
+        """True when ``step`` only collects the frames and ``readout`` runs the Q-Former over them
+        (``concat`` / ``avgpool`` aggregation and the ``per_frame`` memory mode)."""
+        return self.aggregation != "memory" or self.memory == "per_frame"
 
 
 # ----------------------------------------------------------------------------- 2. the Q-Former
@@ -405,7 +437,8 @@ class MALMM(nn.Module):
                              f"{base_config.num_query_tokens} learned queries")
         self.num_query_tokens = num_queries
 
-        self.ln_vision = nn.LayerNorm(vision_width, eps=base_config.vision_config.layer_norm_eps)
+        eps = config.ln_vision_eps if config.ln_vision_eps is not None else base_config.vision_config.layer_norm_eps
+        self.ln_vision = nn.LayerNorm(vision_width, eps=float(eps))
         pe = (sinusoidal_table(config.max_frames, vision_width) if config.frame_position_init == "sinusoidal"
               else torch.zeros(config.max_frames, vision_width))
         self.frame_position_embedding = nn.Parameter(pe)
@@ -415,6 +448,8 @@ class MALMM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.qformer_tokenizer = qformer_tokenizer
+        if qformer_tokenizer is not None:  # long instructions keep their end, as the reference's tokenizer
+            qformer_tokenizer.truncation_side = "left"
         self.base_model_dir: str | None = None  # set by load_malmm; recorded in our checkpoints
 
         self.llm.requires_grad_(False)
@@ -460,6 +495,8 @@ class MALMM(nn.Module):
                            queries=(None,) * layers)
 
     def _check_frame_count(self, total: int) -> None:
+        if self.config.memory == "per_frame":
+            return  # no frame position embedding: any number of frames
         if total > self.config.max_frames:
             raise ValueError(
                 f"video has more frames ({total}) than max_frames={self.config.max_frames}, the size of the frame "
@@ -478,8 +515,8 @@ class MALMM(nn.Module):
         In ``memory`` aggregation each frame is one Q-Former step: cross-attention reads
         [visual bank ; f_t], each self-attention layer reads [its query bank ; current states]; then
         f_t and the layer inputs are appended (detached) and a bank longer than L is reduced by
-        the configured policy. The ``concat`` / ``avgpool`` baselines only collect frames here and
-        run the Q-Former in :meth:`readout`.
+        the configured policy. The ``concat`` / ``avgpool`` baselines and the ``per_frame`` mode only
+        collect frames here and run the Q-Former in :meth:`readout`.
         """
         if features.dim() != 4:
             raise ValueError(f"features must be [B, T, P, C], got shape {tuple(features.shape)}")
@@ -489,7 +526,7 @@ class MALMM(nn.Module):
         if n == 0:
             return state
         self._check_frame_count(state.frames_seen + n)
-        if self.config.aggregation != "memory":
+        if self.config.collects_frames:
             raw = features.to(device=self.device)
             frames = raw if state.frames is None else torch.cat([state.frames, raw.to(state.frames.dtype)], dim=1)
             return state.evolve(frames=frames, frames_seen=state.frames_seen + n)
@@ -561,9 +598,12 @@ class MALMM(nn.Module):
         return replace(bank, cache=torch.cat([att.key(slots), att.value(slots)], dim=-1))
 
     def readout(self, state: MemoryState) -> torch.Tensor:
-        """The learned queries' outputs after the frames seen so far, ``[B, Nq, D]``."""
+        """The learned queries' outputs after the frames seen so far, ``[B, Nq, D]``
+        (``[B, T·Nq, D]`` in the ``per_frame`` mode: frame 0's queries first)."""
         if state.frames_seen == 0:
             raise ValueError("readout before any frame was fed; call step() first")
+        if self.config.memory == "per_frame":
+            return self._per_frame_readout(state)
         if self.config.aggregation == "memory":
             return state.last_hidden[:, : self.num_query_tokens]
         f = self.frame_features(state.frames, 0)  # [B, T, P, C]
@@ -575,13 +615,26 @@ class MALMM(nn.Module):
                                  self._qformer_mask(state), visual)
         return hidden[:, : self.num_query_tokens]
 
+    def _per_frame_readout(self, state: MemoryState) -> torch.Tensor:
+        """The reference's no-memory path: each frame ``ln_vision(f_t)`` (no frame position embedding)
+        through the Q-Former alone, with the instruction; the queries' outputs of all frames side by side."""
+        frames = state.frames
+        B, T = frames.shape[:2]
+        visual = self.ln_vision(frames.to(device=self.device, dtype=self.ln_vision.weight.dtype))
+        visual = visual.reshape(B * T, *visual.shape[2:])  # [B·T, P, C], video b's frames together
+        ids = state.instruction_ids.repeat_interleave(T, dim=0)
+        mask = self._qformer_mask(state).repeat_interleave(T, dim=0)
+        hidden, _ = self.qformer(self.query_tokens.expand(B * T, -1, -1), ids, mask, visual)
+        return hidden[:, : self.num_query_tokens].reshape(B, T * self.num_query_tokens, -1)
+
     def _qformer_mask(self, state: MemoryState) -> torch.Tensor:
         ones = torch.ones(state.batch_size, self.num_query_tokens, dtype=state.instruction_mask.dtype,
                           device=state.instruction_mask.device)
         return torch.cat([ones, state.instruction_mask], dim=1)
 
     def encode_video(self, features: torch.Tensor, prompts: list[str], first_frame: int = 0) -> torch.Tensor:
-        """Whole videos -> the LLM's video tokens ``[B, Nq, H_llm]`` (only the last step is projected).
+        """Whole videos -> the LLM's video tokens ``[B, Nq, H_llm]`` (only the last step is projected;
+        ``[B, T·Nq, H_llm]`` in the ``per_frame`` mode).
 
         ``first_frame``: the frame position of ``features[:, 0]`` (0: the clip is the whole input;
         the tiny builder's image pretraining shows single frames at random positions).
