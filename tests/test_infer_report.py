@@ -318,7 +318,11 @@ def test_infer_rows_carry_the_ek100_subsets_from_the_manifest(tmp_path, monkeypa
               {}]
     samples = [Sample(f"n{i}_verb", "ek100", "verb", "val", f"P01_0{i}", f"k{i}", "p", "take", ["take"], extra=e)
                for i, e in enumerate(extras)]
-    rows = infer._predict_chunk(None, {0: {}, 1: {}, 2: {}}, samples, [0, 1, 2], protocol("ek100", "verb"), 32, "cpu",
+    from types import SimpleNamespace
+
+    from pipeline.model.modeling_malmm import MALMMConfig
+    model = SimpleNamespace(config=MALMMConfig())  # generate_batch is replaced: only the config is read
+    rows = infer._predict_chunk(model, {0: {}, 1: {}, 2: {}}, samples, [0, 1, 2], protocol("ek100", "verb"), 32, "cpu",
                                 "ck", ["f0", "f1", "f2"])
     assert [(r["unseen_participant"], r["tail_class"]) for r in rows] == [(True, False), (None, True), (None, None)]
     infer._write_predictions(tmp_path, rows)
