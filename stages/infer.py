@@ -3,11 +3,15 @@
 The flow, top to bottom:
 
 1. **join** (driver) – manifest samples of the split are joined to the feature shards;
-   each gets a fingerprint of (features, checkpoint, prompt, generation settings).
-   Samples already in the run's predictions under the same fingerprint are skipped.
+   each gets a fingerprint of (features – the checksum of its cached arrays included –,
+   checkpoint, prompt, generation settings). Samples already in the run's predictions
+   under the same fingerprint are skipped. The run folder is locked while infer writes
+   it (`pipeline.lock`).
 2. **generate** (Ray Data actor pool, GPU when there is one) – each actor loads the
    model once; a batch is grouped by (benchmark, task) and decoded with that
-   protocol's beam search (DESIGN §5). An error is recorded on its sample's row.
+   protocol's beam search (DESIGN §5). An error is recorded on its sample's row – a
+   cached sample that fails verification too (`CorruptSampleError`, naming its shard
+   and key), so a re-extract then re-predicts just that sample.
 3. **write** (driver) – rows are merged into ``predictions/{benchmark}.parquet``
    atomically every few seconds and at the end, so an interrupted run keeps its work.
 """
@@ -17,6 +21,7 @@ import hashlib
 import json
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import pyarrow as pa
 from pipeline.benchmarks import protocol
 from pipeline.config import InferConfig
 from pipeline.data import FeatureStore, Sample, SampleDataset, collate, join_samples
+from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
 from pipeline.metrics import scored_prediction
 from pipeline.shards import write_parquet
@@ -139,8 +145,12 @@ def checkpoint_identity(checkpoint: str | None, model_dir: str, malmm: dict) -> 
     return h.hexdigest()[:16]
 
 
-def fingerprint(s: Sample, features_id: str, ckpt_id: str, proto, num_frames: int) -> str:
+def fingerprint(s: Sample, features_id: str, ckpt_id: str, proto, num_frames: int, sample_checksum: str = "") -> str:
+    """What a prediction was made from: the sample's features (its key, the extraction plan and the checksum of
+    its cached arrays, so a re-extract that changes them re-predicts it), the checkpoint, prompt and generation."""
     ident = [s.key, features_id, ckpt_id, s.prompt, asdict(proto.generation), num_frames, s.start_sec, s.end_sec]
+    if sample_checksum:  # shards written before checksums existed have none: their fingerprints stay as they were
+        ident.append(sample_checksum)
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -192,11 +202,6 @@ def _write_predictions(run_dir: Path, rows: list[dict]) -> None:
 
 
 def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) -> dict:
-    import ray
-    from tqdm import tqdm
-
-    from pipeline.runtime import cluster_has_gpus, init_ray
-
     manifest = read_manifest(cfg.manifest)
     store = FeatureStore(cfg.features)
     rep = join_samples(manifest, store, split=cfg.split, benchmark=cfg.benchmark, task=cfg.task)
@@ -206,6 +211,21 @@ def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) 
     ckpt_id = checkpoint_identity(ckpt, model_dir, malmm)
     features_id = hashlib.sha1(json.dumps(store.plan, sort_keys=True).encode()).hexdigest()[:12]
     run_dir = Path(cfg.out)
+    with ExitStack() as held:
+        if not cfg.dry_run:  # one writer per run folder: a second infer into it is refused at once
+            held.enter_context(OutputLock(run_dir, "infer"))
+        return _predict(cfg, rep, store, run_dir, model_dir, ckpt, malmm, trained_frames, ckpt_id, features_id,
+                        progress, trust_pickle)
+
+
+def _predict(cfg: InferConfig, rep, store: FeatureStore, run_dir: Path, model_dir: str, ckpt: str | None,
+             malmm: dict, trained_frames: int | None, ckpt_id: str, features_id: str, progress: bool,
+             trust_pickle: bool) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.runtime import cluster_has_gpus, init_ray
+
     done = load_predictions(run_dir)
     done_fp = set(done.loc[done.error.fillna("") == "", "fingerprint"]) if len(done) else set()
     frames_of = {}
@@ -214,7 +234,7 @@ def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) 
         proto = protocol(s.benchmark, s.task)
         nf = trained_frames or proto.num_frames
         frames_of[(s.benchmark, s.task)] = nf
-        fp = fingerprint(s, features_id, ckpt_id, proto, nf)
+        fp = fingerprint(s, features_id, ckpt_id, proto, nf, store.checksum(s.key))
         if fp not in done_fp:
             todo.append(s)
             fps.append(fp)
