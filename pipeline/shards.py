@@ -155,13 +155,20 @@ def decode_sample(shard: str | Path, key: str, members: dict[str, bytes],
     if missing:
         raise CorruptSampleError(shard, key, f"{key}.{missing[0]}",
                                  f"member missing (the sample has {', '.join(sorted(members)) or 'no members'})")
+    sums: dict[str, str] = {}
+
+    def got_sum(ext: str) -> str:  # each member hashed once
+        if ext not in sums:
+            sums[ext] = checksum(members[ext])
+        return sums[ext]
+
     if expected is not None:
         for ext in MEMBERS:
             want = expected.get(ext)
             if want is None:
                 raise CorruptSampleError(shard, key, f"{key}.{ext}", "no checksum for this member in "
                                                                       f"{stats_path(shard).name}")
-            got = checksum(members[ext])
+            got = got_sum(ext)
             if got != want:
                 raise CorruptSampleError(shard, key, f"{key}.{ext}", f"checksum mismatch (expected {want}, read "
                                                                       f"{got})")
@@ -176,8 +183,10 @@ def decode_sample(shard: str | Path, key: str, members: dict[str, bytes],
     inner = meta.get("checksums")
     if inner is None and expected is None:
         warn_unverified(Path(shard).parent)
+    if inner is not None and not isinstance(inner, dict):
+        raise CorruptSampleError(shard, key, f"{key}.json", "metadata 'checksums' is not an object")
     for ext in ARRAY_MEMBERS if inner is not None else ():
-        got = checksum(members[ext])
+        got = got_sum(ext)
         if inner.get(ext) != got:
             raise CorruptSampleError(shard, key, f"{key}.{ext}", f"checksum mismatch with the sample's JSON "
                                                                   f"(expected {inner.get(ext)}, read {got})")

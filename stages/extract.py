@@ -1,6 +1,6 @@
 """`extract`: manifest → sampled frames → frozen ViT features in WebDataset shards.
 
-The flow, top to bottom (DESIGN §1, §4; the run holds the output folder's lock, `pipeline.lock`):
+The flow, top to bottom (DESIGN §1, §4):
 
 1. **plan** – validate the manifest, turn its samples into *extraction units*
    (one per distinct (video, clip, sampling policy); LVU's overlapping windows all
@@ -20,6 +20,13 @@ The flow, top to bottom (DESIGN §1, §4; the run holds the output folder's lock
 Because a video is always computed whole and shards are assembled in key order
 with fixed tar headers, a killed run resumed later ends byte-identical to an
 uninterrupted one; a finished run re-run decodes and encodes nothing.
+
+Integrity (the README's architecture section, data contracts): each sample's JSON
+carries the checksums of its arrays and each shard's stats those of every member,
+which `train` and `infer` verify on read; a staged video whose arrays no longer match
+its JSON is computed again. While it writes, a run holds the output folder's lock
+(`pipeline.lock`): a second extract into the same folder is refused at once, a lock
+left by a killed run is taken over.
 """
 from __future__ import annotations
 
