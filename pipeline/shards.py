@@ -49,7 +49,13 @@ class ShardIntegrityError(ValueError):
         self.shard, self.key, self.member, self.problem = str(shard), key, member, problem
         where = f"shard {self.shard}" + (f", key {key!r}" if key is not None else "") + \
                 (f", member {member!r}" if member is not None else "")
-        super().__init__(f"{where}: {problem}")
+        super().__init__(f"{where}: {problem}" + (f"; to repair it, {self.hint}" if self.hint else ""))
+
+    @property
+    def hint(self) -> str:
+        """How to rebuild the shard ('' for files that are not finished shards, e.g. staged videos)."""
+        name = Path(self.shard).name
+        return REEXTRACT_HINT.format(stats=stats_path(self.shard)) if name.startswith("shard-") else ""
 
     def __reduce__(self):  # picklable across Ray workers
         return (self.__class__, (self.shard, self.key, self.member, self.problem))

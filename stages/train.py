@@ -41,7 +41,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import FeatureStore, join_samples
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
-from pipeline.shards import REEXTRACT_HINT, ShardIntegrityError, atomic_path, stats_path, write_json, write_parquet
+from pipeline.shards import ShardIntegrityError, atomic_path, write_json, write_parquet
 
 CKPT_DIR = "checkpoints"
 
@@ -75,10 +75,9 @@ def _integrity_error(e: BaseException, _seen=None):
 
 def _raise_if_corrupt(e: BaseException, run_dir: Path) -> None:
     err = _integrity_error(e)
-    if err is not None:
-        hint = REEXTRACT_HINT.format(stats=stats_path(err.shard))
-        raise CorruptFeaturesError(f"training stopped on a corrupt cached sample: {err}. Nothing was trained on it; "
-                                   f"{hint} (checkpoints so far are kept in {run_dir / CKPT_DIR})") from e
+    if err is not None:  # its message names the shard, key and member, and how to rebuild the shard
+        raise CorruptFeaturesError(f"training stopped on a corrupt cached sample, nothing was trained on it: {err} "
+                                   f"(checkpoints so far are kept in {run_dir / CKPT_DIR})") from e
     if "CorruptSampleError" in str(e) or "MalformedShardError" in str(e):  # wrapped beyond recognition: its text
         line = next((ln for ln in str(e).splitlines() if "SampleError" in ln or "ShardError" in ln), str(e))
         raise CorruptFeaturesError(f"training stopped on a corrupt cached sample: {line.strip()}") from e

@@ -287,7 +287,8 @@ def test_train_stops_on_a_corrupt_sample_naming_shard_and_key(features_copy, syn
     assert type(e.value).__name__ == "CorruptFeaturesError" and isinstance(e.value, train.TrainInputError)
     msg = str(e.value)
     assert "shard-" in msg and "key '" in msg and ".features.npy" in msg and "checksum mismatch" in msg, msg
-    assert "re-run" in msg and not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
+    assert "nothing was trained on it" in msg and "re-run the same `malmm-pipeline extract`" in msg, msg
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no step was taken
 
 
 # ----------------------------------------------------------------------------- predictions remember their features
@@ -409,3 +410,24 @@ def test_extract_train_infer_refuse_a_locked_folder(tmp_path, synth_small, featu
         r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", manifest, "--out", str(out)],
                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
         assert r.returncode == 1 and f"pid {p.pid}" in r.stderr and LOCK_NAME in r.stderr, r.stderr[-2000:]
+
+
+def test_the_error_hint_rebuilds_a_corrupt_shard(features_copy, synth_small, tiny_model, ray_local):
+    """What the error says to do (delete the shard's stats, re-run extract) restores the very same bytes."""
+    from pipeline.config import ExtractConfig
+    from pipeline.data import FeatureStore
+    from stages import extract
+
+    key, shard = _first_ok_key(features_copy)
+    before = shard.read_bytes()
+    _flip_byte(shard, f"{key}.features.npy")
+    with pytest.raises(ValueError) as e:
+        FeatureStore(features_copy).load(key)
+    stats = _stats_file(shard)
+    assert f"delete {stats} and re-run the same `malmm-pipeline extract`" in str(e.value)
+    stats.unlink()
+    res = extract.run(ExtractConfig(manifest=str(synth_small / "manifest.csv"), out=str(features_copy), shard_size=8),
+                      progress=False)
+    assert 0 < res.processed_videos < res.units and res.failed == 0
+    assert shard.read_bytes() == before
+    assert FeatureStore(features_copy).load(key)["features"].ndim == 3
