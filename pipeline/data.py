@@ -10,6 +10,7 @@ middle for evaluation — as the reference implementation does.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class FeatureStore:
             from pipeline.shards import MalformedShardError, iter_members
             offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
             for shard in sorted(set(self.index.shard_file.dropna())):
+                if not re.fullmatch(r"shard-\d+\.tar", str(shard)):  # never a path out of the folder
+                    raise MalformedShardError(self.dir / "index.parquet", None, None,
+                                              f"names a shard file {shard!r}, not shard-NNNNNN.tar in {self.dir}")
                 path = self.dir / shard
                 if not path.exists():
                     continue

@@ -339,6 +339,8 @@ def _verified_checksums(staged_tar: Path, key: str, members: list[tuple[str, byt
     if missing:
         raise sh.CorruptSampleError(staged_tar, key, f"{key}.{missing[0]}", "member missing")
     meta = json.loads(dict(members)[f"{key}.json"])
+    if "checksums" not in meta:
+        raise sh.CorruptSampleError(staged_tar, key, f"{key}.json", "staged by an older version, without checksums")
     for ext in sh.ARRAY_MEMBERS:
         if meta.get("checksums", {}).get(ext) != sums[ext]:
             raise sh.CorruptSampleError(staged_tar, key, f"{key}.{ext}", "checksum mismatch with the sample's JSON")

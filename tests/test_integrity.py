@@ -236,6 +236,16 @@ def test_links_duplicates_and_unreadable_tars_are_a_clear_error(tmp_path):
         FeatureStore(d).has("k")
 
 
+def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path):
+    from pipeline.data import FeatureStore
+
+    d = _fake_features(tmp_path, GOOD)
+    pd.DataFrame({"key": ["k"], "shard_file": ["../elsewhere/shard-000000.tar"], "status": ["ok"]}).to_parquet(
+        d / "index.parquet")
+    with pytest.raises(ValueError, match="index.parquet.*not shard-NNNNNN.tar"):
+        FeatureStore(d).has("k")  # today: opened wherever it points
+
+
 def test_a_sample_missing_a_member_is_corrupt(tmp_path):
     from pipeline.data import FeatureStore
 
