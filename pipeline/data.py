@@ -9,8 +9,8 @@ middle for evaluation — as the reference implementation does.
 """
 from __future__ import annotations
 
-import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,14 @@ from pipeline.sampling import segment_indices
 
 
 class FeatureStore:
-    """Random access to the samples of a features folder, by key, through tar member offsets."""
+    """Random access to the samples of a features folder, by key, through tar member offsets.
+
+    Reads are verified (the README's architecture section, data contracts): member names are
+    validated when the offsets are read (`MalformedShardError`), and every member a `load`
+    returns matches the checksums of the shard's stats.json and of the sample's JSON
+    (`CorruptSampleError`, naming the shard, key and member). Shards extracted before checksums
+    existed load unverified, with one `UnverifiedFeaturesWarning`.
+    """
 
     def __init__(self, features_dir: str | Path):
         self.dir = Path(features_dir)
@@ -32,37 +39,82 @@ class FeatureStore:
         self.index = load_index(self.dir)
         self.plan = json.loads((self.dir / "extract.json").read_text()) if (self.dir / "extract.json").exists() else {}
         self._offsets: dict[str, dict[str, tuple[str, int, int]]] | None = None
+        self._sums: dict[str, dict | None] = {}
 
     @property
     def offsets(self) -> dict[str, dict[str, tuple[str, int, int]]]:
         if self._offsets is None:
+            from pipeline.shards import MalformedShardError, iter_members
             offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
             for shard in sorted(set(self.index.shard_file.dropna())):
+                if not re.fullmatch(r"shard-\d+\.tar", str(shard)):  # never a path out of the folder
+                    raise MalformedShardError(self.dir / "index.parquet", None, None,
+                                              f"names a shard file {shard!r}, not shard-NNNNNN.tar in {self.dir}")
                 path = self.dir / shard
                 if not path.exists():
                     continue
-                with tarfile.open(path, "r") as tar:
-                    for m in tar.getmembers():
-                        key, ext = m.name.split(".", 1)
-                        offsets.setdefault(key, {})[ext] = (str(path), m.offset_data, m.size)
+                try:
+                    tar = tarfile.open(path, "r")
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    raise MalformedShardError(path, None, None,
+                                              f"not a readable tar ({type(e).__name__}: {e})") from None
+                with tar:
+                    for m, key, ext in iter_members(path, tar):
+                        entry = offsets.setdefault(key, {})
+                        other = next(iter(entry.values()))[0] if entry else str(path)
+                        if other != str(path):
+                            raise MalformedShardError(path, key, m.name, f"the key is also in {other}")
+                        entry[ext] = (str(path), m.offset_data, m.size)
             self._offsets = offsets
         return self._offsets
 
     def has(self, key: str) -> bool:
         return key in self.offsets
 
+    def _checksums(self, shard: str) -> dict | None:
+        if shard not in self._sums:
+            from pipeline.shards import read_stats_checksums
+            self._sums[shard] = read_stats_checksums(shard)
+        return self._sums[shard]
+
+    def expected_checksums(self, key: str) -> dict[str, str] | None:
+        """The stats.json checksums of a key's members; None for shards without checksums."""
+        from pipeline.shards import CorruptSampleError, stats_path
+        shard = next(iter(self.offsets[key].values()))[0]
+        sums = self._checksums(shard)
+        if sums is None:
+            return None
+        if key not in sums:
+            raise CorruptSampleError(shard, key, None, f"key not listed in {stats_path(shard).name}")
+        return sums[key]
+
+    def checksum(self, key: str) -> str:
+        """One digest of the key's array members (features, frame indices, timestamps), read from the
+        shard's stats.json without touching the tar; '' for shards without checksums."""
+        from pipeline.shards import ShardIntegrityError, sample_checksum
+        try:
+            return sample_checksum(self.expected_checksums(key))
+        except ShardIntegrityError:
+            return ""  # the load reports it, on that sample
+
     def load(self, key: str) -> dict:
-        """{'features': [T,P,C], 'frame_indices': [T], 'timestamps': [T], 'meta': {...}}."""
-        out = {}
-        for ext, (path, off, size) in self.offsets[key].items():
+        """{'features': [T,P,C], 'frame_indices': [T], 'timestamps': [T], 'meta': {...}}, verified.
+
+        Raises `CorruptSampleError` (a ValueError naming the shard, key and member) when a member's
+        bytes do not match their checksum, are truncated or missing.
+        """
+        from pipeline.shards import CorruptSampleError, decode_sample
+        entries = self.offsets[key]
+        shard = next(iter(entries.values()))[0]
+        members = {}
+        for ext, (path, off, size) in entries.items():
             with open(path, "rb") as f:
                 f.seek(off)
                 data = f.read(size)
-            if ext.endswith(".npy"):
-                out[ext[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
-            elif ext == "json":
-                out["meta"] = json.loads(data)
-        return out
+            if len(data) != size:
+                raise CorruptSampleError(path, key, f"{key}.{ext}", f"truncated ({len(data)} of {size} bytes)")
+            members[ext] = data
+        return decode_sample(shard, key, members, self.expected_checksums(key))
 
 
 @dataclass

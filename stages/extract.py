@@ -20,6 +20,13 @@ The flow, top to bottom (DESIGN §1, §4):
 Because a video is always computed whole and shards are assembled in key order
 with fixed tar headers, a killed run resumed later ends byte-identical to an
 uninterrupted one; a finished run re-run decodes and encodes nothing.
+
+Integrity (the README's architecture section, data contracts): each sample's JSON
+carries the checksums of its arrays and each shard's stats those of every member,
+which `train` and `infer` verify on read; a staged video whose arrays no longer match
+its JSON is computed again. While it writes, a run holds the output folder's lock
+(`pipeline.lock`): a second extract into the same folder is refused at once, a lock
+left by a killed run is taken over.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +46,7 @@ import numpy as np
 from pipeline import shards as sh
 from pipeline.benchmarks import protocol
 from pipeline.config import ExtractConfig
+from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest, read_manifest, resolve_video
 from pipeline.sampling import SamplingPolicy, frame_indices
 
@@ -268,7 +277,12 @@ def stage_video(row: dict, out: str, dtype: str, image_size: int) -> dict:
 # ----------------------------------------------------------------------------- finalize
 
 def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
-    """Assemble every shard whose videos are all staged; return the shards written now."""
+    """Assemble every shard whose videos are all staged; return the shards written now.
+
+    A staged video whose arrays no longer match the checksums in their sample JSON (or whose
+    staged tar is unreadable) is unstaged with a message: its shard stays unfinished and the
+    next run computes that video again.
+    """
     by_shard: dict[int, list[Unit]] = defaultdict(list)
     for u in units:
         by_shard[u.shard].append(u)
@@ -285,21 +299,52 @@ def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
     for shard, us in sorted(by_shard.items()):
         if shard_done(out, shard) or not all(staged(out, vid_of[u.key]) for u in us):
             continue
-        members, ledger = [], []
+        members, ledger, sums, bad = [], [], {}, None
         for u in sorted(us, key=lambda u: u.key):
-            vmembers, vledger = staged_video(vid_of[u.key])
-            rec = dict(vledger[u.key], shard=shard, sample_ids=json.dumps(u.sample_ids))
+            try:
+                vmembers, vledger = staged_video(vid_of[u.key])
+                rec = dict(vledger[u.key], shard=shard, sample_ids=json.dumps(u.sample_ids))
+                if rec["status"] == "ok":
+                    mine = [(n, d) for n, d in sorted(vmembers.items()) if n.split(".", 1)[0] == u.key]
+                    sums[u.key] = _verified_checksums(out / STAGING / f"{vid_of[u.key]}.tar", u.key, mine)
+                    members += mine
+            except (sh.ShardIntegrityError, KeyError, ValueError) as e:
+                bad = (vid_of[u.key], e)
+                break
             ledger.append(rec)
-            if rec["status"] == "ok":
-                members += [(n, d) for n, d in sorted(vmembers.items()) if n.split(".", 1)[0] == u.key]
+        if bad is not None:
+            vid, e = bad
+            (out / STAGING / f"{vid}.json").unlink(missing_ok=True)  # unstaged: the next run computes it again
+            (out / STAGING / f"{vid}.tar").unlink(missing_ok=True)
+            cache.pop(vid, None)
+            print(f"extract: staged video {vid} is unusable ({e}); shard {shard} left unfinished, re-run extract to "
+                  f"compute that video again", file=sys.stderr, flush=True)
+            continue
         name = sh.SHARD_PATTERN.format(shard)
         size = sh.write_tar(out / name, members)
         stats = {"shard": name, "units": len(us), "ok": sum(r["status"] == "ok" for r in ledger),
                  "failed": sum(r["status"] != "ok" for r in ledger),
-                 "frames": sum(r["num_frames"] for r in ledger), "bytes": size, "ledger": ledger}
-        sh.write_json(out / name.replace(".tar", ".stats.json"), stats)
+                 "frames": sum(r["num_frames"] for r in ledger), "bytes": size, "ledger": ledger,
+                 # every member's checksum, the JSON too: what train and infer verify each sample against
+                 "checksums": sums}
+        sh.write_json(out / name.replace(".tar", ".stats.json"), stats)  # written last: marks the shard complete
         written.append(shard)
     return written
+
+
+def _verified_checksums(staged_tar: Path, key: str, members: list[tuple[str, bytes]]) -> dict[str, str]:
+    """Checksums of one staged sample's members, checked against those its JSON recorded when it was staged."""
+    sums = sh.member_checksums(members).get(key, {})
+    missing = [ext for ext in sh.MEMBERS if ext not in sums]
+    if missing:
+        raise sh.CorruptSampleError(staged_tar, key, f"{key}.{missing[0]}", "member missing")
+    meta = json.loads(dict(members)[f"{key}.json"])
+    if "checksums" not in meta:
+        raise sh.CorruptSampleError(staged_tar, key, f"{key}.json", "staged by an older version, without checksums")
+    for ext in sh.ARRAY_MEMBERS:
+        if meta.get("checksums", {}).get(ext) != sums[ext]:
+            raise sh.CorruptSampleError(staged_tar, key, f"{key}.{ext}", "checksum mismatch with the sample's JSON")
+    return sums
 
 
 def write_tables(out: Path) -> tuple[int, int]:
@@ -343,6 +388,13 @@ class ExtractResult:
 
 
 def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
+    """Extract (or resume); while it writes it holds the output folder's lock (`pipeline.lock`), so a
+    second extract into the same folder is refused at once. A dry run writes and locks nothing."""
+    with ExitStack() as held:
+        return _run(cfg, progress, held)
+
+
+def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
     t_start = time.perf_counter()
     video_root = cfg.video_root if cfg.video_root is not None else str(Path(cfg.manifest).resolve().parent)
     manifest = read_manifest(cfg.manifest, video_root)
@@ -350,6 +402,7 @@ def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
     out = Path(cfg.out)
     if not cfg.dry_run:  # a dry run plans and checks only: it writes nothing
         out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(OutputLock(out, "extract"))  # one writer per folder, before anything is read or written
     vid_of = {u.key: video_id(u.source) for u in units}
     n_shards = max(u.shard for u in units) + 1
 

@@ -5,12 +5,15 @@ The flow, top to bottom:
 1. **join** (driver) – manifest samples of the split are joined to the feature shards;
    each (benchmark, task) gets its frames T and memory length L (:func:`protocol_settings`:
    ``--num-frames`` / ``--memory-length``, else what the checkpoint records, else the
-   benchmark's protocol) and each sample a fingerprint of (features, checkpoint, prompt,
-   generation settings, T, memory settings). Samples already in the run's predictions under
-   the same fingerprint are skipped.
+   benchmark's protocol) and each sample a fingerprint of (features – the checksum of its
+   cached arrays included –, checkpoint, prompt, generation settings, T, memory settings).
+   Samples already in the run's predictions under the same fingerprint are skipped. The
+   run folder is locked while infer writes it (`pipeline.lock`).
 2. **generate** (Ray Data actor pool, GPU when there is one) – each actor loads the
    model once; a batch is grouped by (benchmark, task) and decoded with that
-   protocol's T, L and beam search (DESIGN §5). An error is recorded on its sample's row.
+   protocol's T, L and beam search. An error is recorded on its sample's row – a
+   cached sample that fails verification too (`CorruptSampleError`, naming its shard
+   and key), so a re-extract then re-predicts just that sample.
 3. **write** (driver) – rows are merged into ``predictions/{benchmark}.parquet``
    atomically every few seconds and at the end, so an interrupted run keeps its work.
 """
@@ -22,6 +25,7 @@ import json
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,6 +36,7 @@ import pyarrow as pa
 from pipeline.benchmarks import protocol
 from pipeline.config import InferConfig
 from pipeline.data import FeatureStore, Sample, SampleDataset, collate, join_samples
+from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
 from pipeline.metrics import SUBSET_COLUMNS, membership, scored_prediction
 from pipeline.shards import write_parquet
@@ -183,10 +188,16 @@ def checkpoint_identity(checkpoint: str | None, model_dir: str, malmm: dict) -> 
     return h.hexdigest()[:16]
 
 
-def fingerprint(s: Sample, features_id: str, ckpt_id: str, proto, num_frames: int, memory: dict | None = None) -> str:
+def fingerprint(s: Sample, features_id: str, ckpt_id: str, proto, num_frames: int, memory: dict | None = None,
+                sample_checksum: str = "") -> str:
+    """What a prediction was made from: the sample's features (its key, the extraction plan and the checksum of
+    its cached arrays, so a re-extract that changes them re-predicts it), the checkpoint, prompt, generation,
+    T and the memory settings."""
     ident = [s.key, features_id, ckpt_id, s.prompt, asdict(proto.generation), num_frames, s.start_sec, s.end_sec]
     if memory is not None:  # the memory settings the sample runs with (L differs between protocols)
         ident.append(memory)
+    if sample_checksum:  # shards written before checksums existed have none: their fingerprints stay as they were
+        ident.append(sample_checksum)
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -330,11 +341,6 @@ def _warn_loudly(message: str) -> None:
 
 
 def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) -> dict:
-    import ray
-    from tqdm import tqdm
-
-    from pipeline.runtime import cluster_has_gpus, init_ray
-
     manifest = read_manifest(cfg.manifest)
     store = FeatureStore(cfg.features)
     rep = join_samples(manifest, store, split=cfg.split, benchmark=cfg.benchmark, task=cfg.task)
@@ -348,6 +354,21 @@ def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) 
     ckpt_id = checkpoint_identity(ckpt, model_dir, spec.malmm)
     features_id = hashlib.sha1(json.dumps(store.plan, sort_keys=True).encode()).hexdigest()[:12]
     run_dir = Path(cfg.out)
+    with ExitStack() as held:
+        if not cfg.dry_run:  # one writer per run folder: a second infer into it is refused at once
+            held.enter_context(OutputLock(run_dir, "infer"))
+        return _predict(cfg, rep, store, run_dir, spec, settings, malmm, notes, ckpt_id, features_id, progress,
+                        trust_pickle)
+
+
+def _predict(cfg: InferConfig, rep, store: FeatureStore, run_dir: Path, spec, settings: dict, malmm: dict,
+             notes: list[str], ckpt_id: str, features_id: str, progress: bool, trust_pickle: bool) -> dict:
+    model_dir, ckpt = spec.model_dir, spec.checkpoint
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.runtime import cluster_has_gpus, init_ray
+
     done = load_predictions(run_dir)
     done_fp = set(done.loc[done.error.fillna("") == "", "fingerprint"]) if len(done) else set()
     todo, fps = [], []
@@ -355,7 +376,7 @@ def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) 
         proto = protocol(s.benchmark, s.task)
         own = settings[s.benchmark, s.task]
         memory = {"memory": own["memory"], "memory_length": own["memory_length"]}
-        fp = fingerprint(s, features_id, ckpt_id, proto, own["num_frames"], memory)
+        fp = fingerprint(s, features_id, ckpt_id, proto, own["num_frames"], memory, store.checksum(s.key))
         if fp not in done_fp:
             todo.append(s)
             fps.append(fp)

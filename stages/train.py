@@ -14,6 +14,13 @@ The flow, top to bottom:
 
 The sample order is a seeded permutation per epoch; global batch k is split evenly
 across workers, so N workers see the same samples per step as one.
+
+Every cached sample is verified as it is read (`FeatureStore.load`). A corrupt one stops
+the run with `CorruptFeaturesError` naming its shard, key and member, rather than being
+skipped: skipping would change the batches (and so the trajectory, and what N workers
+compute against one) silently. The fix is to re-extract that shard; the run then resumes
+from its last checkpoint exactly. The run folder is locked while train writes it
+(`pipeline.lock`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,14 +39,48 @@ import numpy as np
 from pipeline.benchmarks import protocol, tasks_of
 from pipeline.config import TrainConfig
 from pipeline.data import FeatureStore, join_samples
+from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
-from pipeline.shards import atomic_path, write_json, write_parquet
+from pipeline.shards import ShardIntegrityError, atomic_path, write_json, write_parquet
 
 CKPT_DIR = "checkpoints"
 
 
 class TrainInputError(ValueError):
     pass
+
+
+class CorruptFeaturesError(TrainInputError):
+    """Training stopped on a cached sample that failed verification; names the shard, key and member."""
+
+
+def _integrity_error(e: BaseException, _seen=None):
+    """The `ShardIntegrityError` behind a Ray Train failure (worker failures, causes), if any."""
+    seen = _seen if _seen is not None else set()
+    if e is None or id(e) in seen:
+        return None
+    seen.add(id(e))
+    if isinstance(e, ShardIntegrityError):
+        return e
+    nested = [getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "cause", None),
+              getattr(e, "controller_failure", None)]
+    nested += list((getattr(e, "worker_failures", None) or {}).values())
+    for n in nested:
+        if isinstance(n, BaseException):
+            found = _integrity_error(n, seen)
+            if found is not None:
+                return found
+    return None
+
+
+def _raise_if_corrupt(e: BaseException, run_dir: Path) -> None:
+    err = _integrity_error(e)
+    if err is not None:  # its message names the shard, key and member, and how to rebuild the shard
+        raise CorruptFeaturesError(f"training stopped on a corrupt cached sample, nothing was trained on it: {err} "
+                                   f"(checkpoints so far are kept in {run_dir / CKPT_DIR})") from e
+    if "CorruptSampleError" in str(e) or "MalformedShardError" in str(e):  # wrapped beyond recognition: its text
+        line = next((ln for ln in str(e).splitlines() if "SampleError" in ln or "ShardError" in ln), str(e))
+        raise CorruptFeaturesError(f"training stopped on a corrupt cached sample: {line.strip()}") from e
 
 
 # ----------------------------------------------------------------------------- plan
@@ -363,7 +405,22 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
     ``threads``: torch threads of each worker (default: the machine's CPUs over the workers).
     ``progress_desc`` / ``progress_position``: the progress bar's label and line, so that runs
     trained at the same time from one driver (the demo's variants) each keep their own bar.
+
+    The run folder is locked while it is written (`pipeline.lock`): a second train into it is
+    refused at once. A corrupt cached sample stops the run with `CorruptFeaturesError` naming
+    its shard and key (see the module docstring).
     """
+    # the workers of a Ray cluster do not run in the driver's folder: relative paths are made absolute here
+    cfg = replace(cfg, features=str(Path(cfg.features).resolve()), out=str(Path(cfg.out).resolve()))
+    p = plan(cfg)
+    with ExitStack() as held:
+        if not cfg.dry_run:  # one writer per run folder: a second train into it is refused at once
+            held.enter_context(OutputLock(cfg.out, "train"))
+        return _run(cfg, p, progress, stop_after_step, threads, progress_desc, progress_position)
+
+
+def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None, threads: int | None,
+         progress_desc: str, progress_position: int | None) -> dict:
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -371,12 +428,8 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
     from pipeline.defaults import resolve_model_dir
     from pipeline.runtime import init_ray
 
-    # the workers of a Ray cluster do not run in the driver's folder: relative paths are made absolute here
-    cfg = replace(cfg, features=str(Path(cfg.features).resolve()), out=str(Path(cfg.out).resolve()))
-    p = plan(cfg)
     hp = p["hp"]
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     if resume_from is not None:
         _check_same_run(run_dir, cfg, hp)
@@ -385,14 +438,15 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
             print(f"train: {run_dir} already holds the final checkpoint ({resume_from.name}, {hp['epochs']} epochs); "
                   f"nothing to do", file=sys.stderr, flush=True)
             return {"run_dir": str(run_dir), "metrics": None, "checkpoint": str(resume_from), "skipped": True}
-    if not cfg.resume and (run_dir / CKPT_DIR).exists():
-        shutil.rmtree(run_dir / CKPT_DIR)
-        (run_dir / "metrics.parquet").unlink(missing_ok=True)
     print(f"train: {cfg.benchmark} tasks={','.join(p['tasks'])} train: {p['train'].summary()}; "
           f"val: {p['val'].summary()}; hp={hp}" + (f"; resuming from {resume_from.name}" if resume_from else ""),
           file=sys.stderr, flush=True)
-    if cfg.dry_run:
+    if cfg.dry_run:  # plans only: nothing is written or deleted
         return {"plan": p, "resume_from": resume_from}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and (run_dir / CKPT_DIR).exists():
+        shutil.rmtree(run_dir / CKPT_DIR)
+        (run_dir / "metrics.parquet").unlink(missing_ok=True)
     model_dir = str(resolve_model_dir(cfg.model))
     mcfg = malmm_config(cfg, hp)
     run_info = {"config": asdict(cfg), "hp": hp, "malmm": asdict(mcfg), "model_dir": model_dir,
@@ -413,8 +467,13 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
                              ),
     )
     total_steps = max(1, (len(p["train"].samples) // hp["batch_size"]) // cfg.grad_accum) * hp["epochs"]
-    result = _fit_with_progress(trainer, run_dir, total_steps, progress, progress_desc, progress_position)
+    try:
+        result = _fit_with_progress(trainer, run_dir, total_steps, progress, progress_desc, progress_position)
+    except Exception as e:
+        _raise_if_corrupt(e, run_dir)
+        raise
     if result.error:
+        _raise_if_corrupt(result.error, run_dir)
         raise result.error
     return {"run_dir": str(run_dir), "metrics": result.metrics, "checkpoint": str(latest_checkpoint(run_dir))}
 

@@ -158,7 +158,9 @@ def test_kill_and_resume_is_byte_identical(tmp_path, synth_small, features_small
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"{16 - staged} video(s) to process" in r.stderr or "to process" in r.stderr
+    assert "taking over the stale lock" in r.stderr  # the killed run's lock file was left behind
     assert shard_bytes(out) == shard_bytes(features_small)
+    assert not (out / "malmm.lock").exists()  # released at the end
 
 
 @pytest.mark.slow
@@ -189,3 +191,27 @@ def test_dry_run_plans_without_writing(synth_small, tmp_path):
     res = extract.run(ExtractConfig(manifest=str(synth_small / "manifest.csv"), out=str(out), dry_run=True),
                       progress=False)
     assert res.units > 0 and res.ok == 0 and not out.exists()
+
+
+def test_corrupt_staged_video_is_computed_again(tmp_path):
+    """A staged video whose arrays no longer match the checksums of its JSON never reaches a shard."""
+    from pipeline import shards as sh
+
+    out = tmp_path / "feat"
+    unit = extract.Unit("k0", "v.mp4", "/videos/v.mp4", None, None, "uniform:4", ["s0"], 0)
+    members = sh.sample_members("k0", np.ones((4, 2, 3), np.float16), np.arange(4), np.arange(4) / 2.0,
+                                {"key": "k0"})
+    members = [(n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith("features.npy") else d) for n, d in members]
+    sh.write_tar(out / extract.STAGING / "vid.tar", members)
+    ledger = [{"key": "k0", "status": "ok", "reason": "", "message": "", "num_frames": 4}]
+    sh.write_json(out / extract.STAGING / "vid.json", ledger)
+    assert extract.finalize(out, [unit], {"k0": "vid"}) == []
+    assert not list(out.glob("shard-*")) and not extract.staged(out, "vid")  # the next run computes it again
+    # intact, it is assembled with the checksums of every member in the stats
+    good = sh.sample_members("k0", np.ones((4, 2, 3), np.float16), np.arange(4), np.arange(4) / 2.0, {"key": "k0"})
+    sh.write_tar(out / extract.STAGING / "vid.tar", good)
+    sh.write_json(out / extract.STAGING / "vid.json", ledger)
+    assert extract.finalize(out, [unit], {"k0": "vid"}) == [0]
+    stats = json.loads((out / "shard-000000.stats.json").read_text())
+    assert stats["checksums"] == sh.member_checksums(good)
+    assert [k for k, _ in sh.iter_shard(out / "shard-000000.tar")] == ["k0"]

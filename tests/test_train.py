@@ -195,3 +195,16 @@ def test_bad_input_messages(features_small, synth_small, tmp_path):
         plan(replace(_cfg(features_small, synth_small, tmp_path / "x"), manifest=str(other)))
     with pytest.raises(TrainInputError, match="index.parquet|no such|not found|features"):
         plan(_cfg(tmp_path / "nowhere", synth_small, tmp_path / "x"))
+
+
+def test_dry_run_writes_and_deletes_nothing(features_small, synth_small, tmp_path):
+    """--dry-run plans only: even with --restart it keeps the run folder's checkpoints, and takes no lock."""
+    from stages import train
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000004").mkdir(parents=True)
+    res = train.run(replace(_cfg(features_small, synth_small, out), resume=False, dry_run=True), progress=False)
+    assert res["plan"]["train"].samples
+    assert (out / "checkpoints" / "step-00000004").exists() and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    assert not train.run(replace(_cfg(features_small, synth_small, tmp_path / "new"), dry_run=True),
+                         progress=False)["resume_from"] and not (tmp_path / "new").exists()
