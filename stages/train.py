@@ -260,7 +260,8 @@ def train_loop(loop_cfg: dict) -> None:
                 _write_progress(run_dir, row)
             t_wait = time.perf_counter()
             if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows)
+                _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows,
+                            num_frames=hp["num_frames"])
             if loop_cfg.get("stop_after_step") and state["global_step"] >= loop_cfg["stop_after_step"]:
                 return  # test hook: simulate a crash right after a step
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
@@ -273,7 +274,8 @@ def train_loop(loop_cfg: dict) -> None:
             score = val.get("top1", val.get("cider"))
             if score is not None and (state["best"] is None or score > state["best"]["score"]):
                 state["best"] = {"score": score, "global_step": state["global_step"]}
-        _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows, epoch_end=True)
+        _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows, epoch_end=True,
+                    num_frames=hp["num_frames"])
         ray.train.report({**log_rows[-1], **({"val": val} if val else {})})
     if rank == 0:  # the frozen LLM must come out of training bit-identical
         after = llm_digest(model)
@@ -309,7 +311,7 @@ def _write_progress(run_dir: Path, row: dict) -> None:
 
 
 def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, world: int, cfg: TrainConfig,
-                log_rows: list[dict], epoch_end: bool = False) -> None:
+                log_rows: list[dict], epoch_end: bool = False, num_frames: int | None = None) -> None:
     """Write a checkpoint folder atomically (rank 0: weights, optimiser, scheduler, state, log; every rank: RNG)."""
     import torch
     import torch.distributed as dist
@@ -329,7 +331,7 @@ def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, wo
         dist.barrier()
     if rank != 0:
         return
-    save_checkpoint(model, tmp)
+    save_checkpoint(model, tmp, num_frames=num_frames)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))

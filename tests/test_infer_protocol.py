@@ -78,6 +78,18 @@ def test_our_checkpoint_keeps_its_trained_T_and_L(our_run):
     assert spec2.checkpoint == spec.checkpoint and tl2 == tl
 
 
+def test_a_checkpoint_folder_copied_alone_keeps_its_trained_T(tiny_model, tmp_path):
+    """`save_checkpoint` records T in malmm_config.json: no run.json is needed to run a checkpoint at its T."""
+    from pipeline.model.checkpoint import load_malmm, save_checkpoint
+    from pipeline.model.modeling_malmm import MALMMConfig
+
+    model = load_malmm(tiny_model, MALMMConfig(memory="mbc", memory_length=3, max_frames=7))
+    ckpt = save_checkpoint(model, tmp_path / "step-00000005", num_frames=7)
+    assert json.loads((ckpt / "malmm_config.json").read_text())["num_frames"] == 7
+    spec, tl, _, notes = _settings(ckpt)
+    assert spec.kind == "checkpoint" and set(tl.values()) == {(7, 3)} and not notes
+
+
 def test_an_override_that_contradicts_the_checkpoint_warns(our_run):
     _, tl, malmm, notes = _settings(our_run, memory_length=2, memory="mbc")  # `run` warns with these notes
     assert set(tl.values()) == {(10, 2)} and malmm["memory_length"] == 2 and malmm["memory"] == "mbc"

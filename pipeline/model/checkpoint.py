@@ -309,8 +309,11 @@ def _looks_lavis(keys) -> bool:
 
 # ----------------------------------------------------------------------------- our checkpoints
 
-def save_checkpoint(model: MALMM, out_dir: str | Path) -> Path:
-    """Write ``trainable.safetensors`` (trainable tensors only) and ``malmm_config.json`` into ``out_dir``."""
+def save_checkpoint(model: MALMM, out_dir: str | Path, *, num_frames: int | None = None) -> Path:
+    """Write ``trainable.safetensors`` (trainable tensors only) and ``malmm_config.json`` into ``out_dir``.
+
+    ``num_frames``: the frames per sample T the weights were trained with, recorded so that a checkpoint
+    folder copied on its own still runs with its T in ``infer``."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -322,6 +325,8 @@ def save_checkpoint(model: MALMM, out_dir: str | Path) -> Path:
     info = {"format": CHECKPOINT_FORMAT, "malmm": asdict(model.config), "base_model_dir": model.base_model_dir,
             "base_model": base_model_identity(model.base_model_dir), "num_query_tokens": model.num_query_tokens,
             "tensors": len(tensors)}
+    if num_frames is not None:
+        info["num_frames"] = int(num_frames)
     tmp = out_dir / f".{CHECKPOINT_CONFIG}.tmp"
     tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
     os.replace(tmp, out_dir / CHECKPOINT_CONFIG)
