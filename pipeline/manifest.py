@@ -277,12 +277,15 @@ def local_video_path(video: str, video_root: str | None) -> str | None:
     return None if is_uri(video_root) else str(Path(video_root) / video)
 
 
-def _missing(video: pd.Series, video_root: str | None) -> dict[int, str]:
+def find_missing(video: pd.Series, video_root: str | None, only: set[str] | None = None) -> dict[int, str]:
     """Row position → local path, for every row whose video file does not exist (each distinct video
-    looked up once; object-store URIs are not checked)."""
+    looked up once; object-store URIs are not checked). ``video`` holds the stripped entries;
+    ``only`` restricts the lookup to these entries."""
     missing = {}
     for v in video.unique():
-        path = local_video_path(v, video_root) if v else None
+        if not v or (only is not None and v not in only):
+            continue
+        path = local_video_path(v, video_root)
         if path is not None and not os.path.exists(path):
             missing[v] = path
     if not missing:
@@ -291,10 +294,11 @@ def _missing(video: pd.Series, video_root: str | None) -> dict[int, str]:
     return {int(i): missing[values[i]] for i in np.flatnonzero(video.isin(list(missing)).to_numpy())}
 
 
-def missing_videos(df: pd.DataFrame, video_root: str | None) -> list[str]:
-    """Every row whose local video file does not exist, as '<line>: video file not found: <path>'."""
+def missing_videos(df: pd.DataFrame, video_root: str | None, only: set[str] | None = None) -> list[str]:
+    """Every row whose local video file does not exist, as '<line>: video file not found: <path>'
+    (``only``: just these stripped ``video`` entries)."""
     return [f"{_line(i)}: video file not found: {p}"
-            for i, p in _missing(_column(df, "video").str.strip(), video_root).items()]
+            for i, p in find_missing(_column(df, "video").str.strip(), video_root, only).items()]
 
 
 class _Values(dict):
@@ -376,7 +380,7 @@ def validate(df: pd.DataFrame, *, video_root: str | None = None, check_files: bo
         report(e <= s, 11, lambda i: f"end_sec ({e[i]}) must be greater than start_sec ({s[i]})")
 
     if check_files:
-        for i, path in _missing(strip["video"], video_root).items():
+        for i, path in find_missing(strip["video"], video_root).items():
             if not rejected[i]:
                 found.append((i, 12, f"{_line(i)}: video file not found: {path}"))
     found.sort(key=lambda t: (t[0], t[1]))
