@@ -7,7 +7,7 @@ embedded cluster is recorded in a small JSON file (the driver's pid, the session
 pid of every process Ray started, each with its start time), and every later ``init_ray`` and
 CLI command first reaps the clusters whose driver is dead: it kills exactly the processes of
 those sessions — the recorded ones, their descendants and the processes that carry the
-session's raylet pid or session folder — and never those of a run whose driver is alive, nor
+session folder (in their command line or their open files) — and never those of a run whose driver is alive, nor
 a cluster it only connected to (``--address``, ``RAY_ADDRESS``).
 
 Records live in ``$MALMM_RAY_RECORDS`` or else ``malmm-pipeline-ray-<uid>`` under the temporary
@@ -140,18 +140,29 @@ def _children() -> dict[int, list[int]]:
 
 
 def _belongs_to(pid: int, rec: dict, since: int) -> bool:
-    """A process of the recorded session that is not a recorded one: a worker or agent of its raylet
-    (``RAY_RAYLET_PID`` in its environment) or one naming its session folder, started after the session."""
+    """A process of the recorded session that is not a recorded one (an agent or worker its raylet
+    started), started after the session: it names the session folder in its command line, holds a
+    file of it open (its logs), or carries the raylet's pid in its environment."""
     start = _start_time(pid)
     if start is None or start < since:
         return False
-    raylet = rec.get("raylet")
-    if raylet and not _alive(raylet) and _start_time(raylet["pid"]) is not None:
-        raylet = None  # its pid now belongs to another process (maybe another run's raylet): no env match
+    session = rec["session_dir"].rstrip("/")
+    proc = Path(f"/proc/{pid}")
     try:
-        if raylet and f"RAY_RAYLET_PID={raylet['pid']}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if session.encode() in (proc / "cmdline").read_bytes():
             return True
-        return rec["session_dir"].encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for fd in os.scandir(proc / "fd"):
+            try:
+                target = os.readlink(fd.path)
+            except OSError:
+                continue
+            if target == session or target.startswith(session + "/"):
+                return True
+        raylet = rec.get("raylet")
+        if raylet and not _alive(raylet) and _start_time(raylet["pid"]) is not None:
+            return False  # its pid now belongs to another process (maybe another run's raylet)
+        # (a process title set by Ray may have overwritten the environment's memory: not always there)
+        return bool(raylet) and f"RAY_RAYLET_PID={raylet['pid']}".encode() in (proc / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
 
