@@ -141,15 +141,22 @@ def _children() -> dict[int, list[int]]:
 
 def _belongs_to(pid: int, rec: dict, since: int) -> bool:
     """A process of the recorded session that is not a recorded one (an agent or worker its raylet
-    started), started after the session: it names the session folder in its command line, holds a
-    file of it open (its logs), or carries the raylet's pid in its environment."""
+    started): a Ray process (by its name or command line) started after the session that names the
+    session folder in its command line, holds a file of it open (its logs), or carries the raylet's
+    pid in its environment."""
     start = _start_time(pid)
     if start is None or start < since:
         return False
     session = rec["session_dir"].rstrip("/")
     proc = Path(f"/proc/{pid}")
     try:
-        if session.encode() in (proc / "cmdline").read_bytes():
+        cmdline = (proc / "cmdline").read_bytes()
+        stat = (proc / "stat").read_text()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        # only Ray's own processes (a `tail -f` of the session's logs is not one)
+        if not (comm.startswith(("ray::", "raylet", "gcs_server")) or b"/ray/" in cmdline or b"ray::" in cmdline):
+            return False
+        if session.encode() in cmdline:
             return True
         for fd in os.scandir(proc / "fd"):
             try:

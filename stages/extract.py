@@ -2,11 +2,14 @@
 
 The flow, top to bottom (DESIGN §1, §4):
 
-1. **plan** – validate the manifest, turn its samples into *extraction units*
+1. **plan** – validate the manifest (with the root rule: every local video inside the
+   video root unless ``allow_outside_root``), turn its samples into *extraction units*
    (one per distinct (video, clip, sampling policy); LVU's overlapping windows all
    map to one 1 fps unit of the whole video), give each unit a content-hash key and
    assign units to shards by sorted key. Shards already complete are skipped, and so
-   are videos whose results were staged by an interrupted run.
+   are videos whose results were staged by an interrupted run. Video files still to process
+   that do not exist are listed, all at once with their manifest lines (a dry run too); their
+   units end as failed ``missing`` ledger rows, and when every one is missing nothing runs.
 2. **decode** (Ray Data CPU tasks, one per video) – probe the video, compute every
    unit's frame indices, decode the union of those frames once under a watchdog.
 3. **encode** (Ray Data actor pool, GPU when there is one) – the frozen vision model;
