@@ -149,3 +149,29 @@ def test_any_command_reaps_and_a_live_drivers_processes_are_protected(tmp_path, 
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
+
+
+def test_a_driver_killed_while_ray_starts_is_reaped_by_its_tag(tmp_path, monkeypatch):
+    """A record written before ray.init holds only the driver and the tag its processes inherit."""
+    from pipeline import runtime
+
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("MALMM_RAY_RECORDS", str(records))
+    host = socket.gethostname()
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    orphan = subprocess.Popen(sleep, env={**os.environ, runtime.RUN_ENV: "dead-run"})
+    kept = subprocess.Popen(sleep, env={**os.environ, runtime.RUN_ENV: "live-run"})
+    live_driver = subprocess.Popen(sleep)  # not the parent of either (this process is, and is not a driver here)
+    try:
+        live = {"pid": live_driver.pid, "start": _start(live_driver.pid)}
+        for name, driver, tag in (("dead", {"pid": 2 ** 22 + 9, "start": 1}, "dead-run"), ("live", live, "live-run")):
+            (records / f"{name}.json").write_text(json.dumps({"driver": driver, "host": host, "tag": tag,
+                                                              "session_dir": None, "raylet": None, "processes": []}))
+        assert runtime.reap_orphans() == [orphan.pid]
+        orphan.wait(timeout=10)
+        assert kept.poll() is None and not (records / "dead.json").exists() and (records / "live.json").exists()
+    finally:
+        for p in (orphan, kept, live_driver):
+            if p.poll() is None:
+                p.kill()
