@@ -18,6 +18,7 @@ See the README's architecture section.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -130,7 +131,27 @@ def begin_record() -> Path | None:
     path = d / f"{tag}.json"
     _write(path, {"driver": me, "host": socket.gethostname(), "tag": tag, "session_dir": None, "raylet": None,
                   "processes": [], "recorded_at": time.time()})
+    atexit.register(_forget, path)
     return path
+
+
+def _forget(path: Path) -> None:
+    """At a normal exit: shut Ray down (what Ray's own exit handler, registered earlier and so run
+    later, would do) and drop the record once every recorded process has ended (what is left, the
+    next run reaps)."""
+    try:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+        procs = json.loads(path.read_text())["processes"]
+    except Exception:  # at exit: never in the way
+        return
+    deadline = time.monotonic() + 2.0
+    while any(_alive(p) for p in procs):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    path.unlink(missing_ok=True)
 
 
 def record_session(path: Path) -> None:
