@@ -3,9 +3,10 @@
 Options come from flags and from an optional ``--config`` file (TOML or YAML with one
 table per stage); `pipeline/config.py` holds every default.
 
-Expected errors — a bad option value, an invalid manifest, a missing file, a stage refusing its
-input (``ValueError``, ``FileNotFoundError`` and their kinds, e.g. ``ManifestError``) — end every
-command with the message in red on stderr and exit status 2, without a traceback
+Expected errors — a bad option value (click's usage errors included), an invalid manifest, a
+missing file, a stage refusing its input (``ValueError``, ``FileNotFoundError`` and their kinds,
+e.g. ``ManifestError``) — end every command with the message in red on stderr and exit status 2,
+without a traceback
 (``MALMM_TRACEBACK=1`` shows it); anything else is a bug and keeps its traceback. Before any
 command runs, the Ray processes left by earlier commands that were killed are reaped
 (`pipeline/runtime.py`).
@@ -23,6 +24,8 @@ from pipeline.config import ExtractConfig, InferConfig, ReportConfig, TrainConfi
 from pipeline.manifest import ManifestError
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# click's UsageError (a bad or missing option value), whether typer vendors click or uses it
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 class _Commands(typer.core.TyperGroup):
@@ -31,6 +34,9 @@ class _Commands(typer.core.TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except _USAGE_ERROR as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            _fail(f"error: {e.format_message()}{where}")
         except EXPECTED_ERRORS as e:
             if os.environ.get("MALMM_TRACEBACK"):
                 raise

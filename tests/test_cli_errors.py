@@ -41,6 +41,15 @@ def test_synth_seconds_below_the_minimum(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (("synth", "--out", "x", "--seconds", "abc"), ("Invalid value for '--seconds'", "synth --help")),
+    (("extract", "--no-such-option"), ("No such option: --no-such-option",)),
+    (("synth",), ("Missing option '--out'",)),
+])
+def test_usage_errors_are_one_line_too(args, words):
+    one_red_line(run(*args), *words)
+
+
 def test_messages_are_red(tmp_path):
     r = run("synth", "--out", tmp_path / "s", "--seconds", 8, color=True)
     assert r.exit_code == 2 and "\x1b[31m" in r.stderr
