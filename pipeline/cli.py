@@ -2,9 +2,18 @@
 
 Options come from flags and from an optional ``--config`` file (TOML or YAML with one
 table per stage); `pipeline/config.py` holds every default.
+
+Expected errors — a bad option value (click's usage errors included), an invalid manifest, a
+missing file, a stage refusing its input (``ValueError``, ``FileNotFoundError`` and their kinds,
+e.g. ``ManifestError``) — end every command with the message in red on stderr and exit status 2,
+without a traceback
+(``MALMM_TRACEBACK=1`` shows it); anything else is a bug and keeps its traceback. Before any
+command runs, the Ray processes left by earlier commands that were killed are reaped
+(`pipeline/runtime.py`).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,7 +23,35 @@ import typer
 from pipeline.config import ExtractConfig, InferConfig, ReportConfig, TrainConfig, resolve
 from pipeline.manifest import ManifestError
 
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# click's UsageError (a bad or missing option value), whether typer vendors click or uses it
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Commands(typer.core.TyperGroup):
+    """The command group: turns a command's expected errors into one red line and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERROR as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            _fail(f"error: {e.format_message()}{where}")
+        except EXPECTED_ERRORS as e:
+            if os.environ.get("MALMM_TRACEBACK"):
+                raise
+            _fail(_message(e))
+
+
+def _message(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+    if isinstance(e, ManifestError):
+        return text  # already names the file and lists every problem, one per line
+    return f"error: {text or type(e).__name__}"
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="MA-LMM offline pipeline: extract frozen ViT features once, train the memory Q-Former from them, "
@@ -31,6 +68,13 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+@app.callback()
+def _before_every_command():
+    from pipeline.runtime import reap_orphans
+
+    reap_orphans()
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for videos/ and manifest.csv."),
@@ -44,7 +88,14 @@ def synth(
 
     kwargs = {"videos": videos, "seed": seed, "workers": workers}
     if seconds is not None:
+        k, fps = synth_mod.DEFAULT_EVENTS[1], synth_mod.DEFAULT_FPS
+        shortest = 8 * k / fps  # 8 frames per event, up to k events (synth.plan's rule, with its rounding)
+        if not (seconds > 0 and round(seconds * fps) >= 8 * k):
+            _fail(f"error: --seconds {seconds:g} is too short: a video needs at least {shortest:g} s "
+                  f"({k} events of 8 frames at {fps:g} fps)")
         kwargs["seconds"] = seconds
+    if workers < 1:
+        _fail(f"error: --workers must be at least 1, got {workers}")
     res = synth_mod.generate(out, **kwargs)
     typer.echo(f"wrote {res}")
 
@@ -52,7 +103,8 @@ def synth(
 @app.command()
 def extract(
     manifest: Optional[str] = typer.Option(None, "--manifest", "-m", help="Manifest CSV (see README: data contracts)."),
-    video_root: Optional[str] = typer.Option(None, "--video-root", help="Folder that relative video paths start from (default: the manifest's folder)."),
+    video_root: Optional[str] = typer.Option(None, "--video-root", help="Folder that relative video paths start from and that every local video must lie in (default: the manifest's folder)."),
+    allow_outside_root: Optional[bool] = typer.Option(None, "--allow-outside-root", help="Accept local videos outside --video-root (absolute paths, file:// URIs, ../ paths)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder for shards, index.parquet and ledger.parquet."),
     model: Optional[str] = typer.Option(None, "--model", help="'tiny' (embedded default) or a local InstructBLIP directory."),
     sampling: Optional[str] = typer.Option(None, "--sampling", help="Override each benchmark's sampling, e.g. 'uniform:32' or 'fps:1'."),
@@ -75,16 +127,14 @@ def extract(
     """
     from stages import extract as stage
 
-    cfg = resolve(ExtractConfig, "extract", config, manifest=manifest, video_root=video_root, out=out, model=model,
+    cfg = resolve(ExtractConfig, "extract", config, manifest=manifest, video_root=video_root,
+                  allow_outside_root=allow_outside_root, out=out, model=model,
                   sampling=sampling, shard_size=shard_size, batch_size=batch_size, vision_workers=vision_workers,
                   num_gpus=num_gpus, decode_timeout=decode_timeout, dtype=dtype, strict=strict,
                   retry_failed=retry_failed, dry_run=dry_run, address=address)
     if not cfg.manifest:
         _fail("error: --manifest is required (or set manifest in the [extract] table of --config)")
-    try:
-        res = stage.run(cfg)
-    except ManifestError as e:
-        _fail(str(e))
+    res = stage.run(cfg)  # expected errors: exit 2 (see the module docstring)
     if cfg.dry_run:
         return
     typer.echo(f"extract: {res.ok} ok, {res.failed} failed of {res.units} units in {res.shards} shard(s) "

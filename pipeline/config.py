@@ -22,6 +22,7 @@ def malmm_home() -> Path:
 class ExtractConfig:
     manifest: str = ""
     video_root: str | None = None  # default: the manifest's folder
+    allow_outside_root: bool = False  # accept local videos outside video_root (absolute, file:// or ../ paths)
     out: str = "work/features"
     model: str = "tiny"  # 'tiny' (embedded default) or a local InstructBLIP / vision-model directory
     sampling: str | None = None  # override every benchmark's policy, e.g. 'uniform:32' or 'fps:1'

@@ -2,11 +2,14 @@
 
 The flow, top to bottom (DESIGN §1, §4):
 
-1. **plan** – validate the manifest, turn its samples into *extraction units*
+1. **plan** – validate the manifest (with the root rule: every local video inside the
+   video root unless ``allow_outside_root``), turn its samples into *extraction units*
    (one per distinct (video, clip, sampling policy); LVU's overlapping windows all
    map to one 1 fps unit of the whole video), give each unit a content-hash key and
    assign units to shards by sorted key. Shards already complete are skipped, and so
-   are videos whose results were staged by an interrupted run.
+   are videos whose results were staged by an interrupted run. Video files still to process
+   that do not exist are listed, all at once with their manifest lines (a dry run too); their
+   units end as failed ``missing`` ledger rows, and when every one is missing nothing runs.
 2. **decode** (Ray Data CPU tasks, one per video) – probe the video, compute every
    unit's frame indices, decode the union of those frames once under a watchdog.
 3. **encode** (Ray Data actor pool, GPU when there is one) – the frozen vision model;
@@ -47,7 +50,8 @@ from pipeline import shards as sh
 from pipeline.benchmarks import protocol
 from pipeline.config import ExtractConfig
 from pipeline.lock import OutputLock
-from pipeline.manifest import Manifest, read_manifest, resolve_video
+from pipeline.manifest import (MAX_SHOWN, Manifest, ManifestError, find_missing, local_video_path, read_manifest,
+                               resolve_video)
 from pipeline.sampling import SamplingPolicy, frame_indices
 
 # CLIP normalisation used by InstructBLIP's image processor
@@ -105,6 +109,43 @@ def plan_units(manifest: Manifest, video_root: str | None, sampling: str | None,
     for i, u in enumerate(ordered):
         u.shard = i // shard_size
     return ordered
+
+
+def _report_missing(manifest: Manifest, video_root: str | None, todo: list[Unit]) -> None:
+    """Plan-time check of the video files still to be processed: every missing one is listed at once,
+    with its manifest lines (a dry run too). The run then goes on and records their units as failed
+    (reason ``missing``) in the ledger, so that ok + failed = units and ``--retry-failed`` picks them up
+    once the files are there; when *every* video still to process is a missing local file (a wrong
+    ``--video-root``, most likely), nothing runs: :class:`ManifestError`, exit 2."""
+    todo_videos = {u.video.strip() for u in todo}
+    if not todo_videos:
+        return
+    video = manifest.df["video"].reset_index(drop=True).str.strip()
+    rows = find_missing(video, video_root, only=todo_videos)
+    if not rows:
+        return
+    lines = [f"line {i + 2} (row {i + 1}): video file not found: {path}" for i, path in rows.items()]
+    gone = {video.iat[i] for i in rows}
+    if len(gone) == len(todo_videos) and all(local_video_path(v, video_root) for v in todo_videos):
+        raise ManifestError(manifest.path, lines + [
+            f"none of the {len(todo_videos)} video(s) to process exists (video root {video_root}): "
+            f"check --video-root"])
+    shown = "\n  ".join(lines[:MAX_SHOWN])
+    more = f"\n  … and {len(lines) - MAX_SHOWN} more" if len(lines) > MAX_SHOWN else ""
+    print(f"extract: {len(gone)} of {len(todo_videos)} video file(s) to process not found "
+          f"({len(lines)} manifest row(s)); their units will be recorded as failed (missing):\n  {shown}{more}",
+          file=sys.stderr, flush=True)
+
+
+def _units_to_do(out: Path, units: list[Unit], retry_failed: bool) -> list[Unit]:
+    """The units a run would process, from what ``out`` holds (read only, before anything is written):
+    those of unfinished shards not staged yet, and with ``retry_failed`` those that failed."""
+    retry: set[str] = set()
+    if retry_failed:
+        for stats in out.glob("shard-*.stats.json"):
+            retry |= {r["key"] for r in json.loads(stats.read_text())["ledger"] if r["status"] != "ok"}
+    done = {s: shard_done(out, s) for s in {u.shard for u in units}}
+    return [u for u in units if u.key in retry or not (done[u.shard] or staged(out, video_id(u.source)))]
 
 
 def video_id(source: str) -> str:
@@ -397,8 +438,9 @@ def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
 def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
     t_start = time.perf_counter()
     video_root = cfg.video_root if cfg.video_root is not None else str(Path(cfg.manifest).resolve().parent)
-    manifest = read_manifest(cfg.manifest, video_root)
+    manifest = read_manifest(cfg.manifest, video_root, allow_outside_root=cfg.allow_outside_root)
     units = plan_units(manifest, video_root, cfg.sampling, cfg.shard_size)
+    _report_missing(manifest, video_root, _units_to_do(Path(cfg.out), units, cfg.retry_failed))
     out = Path(cfg.out)
     if not cfg.dry_run:  # a dry run plans and checks only: it writes nothing
         out.mkdir(parents=True, exist_ok=True)
@@ -495,7 +537,7 @@ def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video
         prev = json.loads(path.read_text())
         diff = [k for k in plan if k != "video_root" and prev.get(k) != plan[k]]
         if diff:
-            raise SystemExit(f"error: {out} holds shards of a different extraction ({', '.join(diff)} changed); "
+            raise ValueError(f"{out} holds shards of a different extraction ({', '.join(diff)} changed); "
                              f"use another --out or delete {out}")
     elif write:
         sh.write_json(path, plan)

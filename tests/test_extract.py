@@ -109,7 +109,9 @@ def test_fault_corpus_ends_as_typed_ledger_rows(tmp_path, synth_small, tiny_mode
     m = tmp_path / "m.csv"
     m.write_text("sample_id,benchmark,task,split,video,answer,start_sec,end_sec,question\n" + "\n".join(rows) + "\n")
     out = tmp_path / "feat"
-    res = extract.run(ExtractConfig(manifest=str(m), out=str(out), decode_timeout=60), progress=False)
+    # the good video lies outside the manifest's folder (the default video root)
+    res = extract.run(ExtractConfig(manifest=str(m), out=str(out), decode_timeout=60, allow_outside_root=True),
+                      progress=False)
     ledger = pd.read_parquet(out / "ledger.parquet")
     assert res.ok + res.failed == res.units == len(rows)
     by_video = dict(zip(ledger.video, zip(ledger.status, ledger.reason)))
@@ -130,11 +132,13 @@ def test_cli_strict_and_summary(tmp_path, synth_small, tiny_model):
                  f"a,synthetic,first_color,train,{good},red\nb,synthetic,first_color,train,missing.mp4,red\n")
     env = {**os.environ, "RAY_ADDRESS": ""}
     r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out",
-                        str(tmp_path / "f")], capture_output=True, text=True, env=env, cwd=ROOT)
+                        str(tmp_path / "f"), "--allow-outside-root"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "1 ok, 1 failed" in r.stdout and "missing=1" in r.stdout
+    assert "line 3 (row 2): video file not found" in r.stderr  # reported at plan time, before the run
     r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out",
-                        str(tmp_path / "f"), "--strict"], capture_output=True, text=True, env=env, cwd=ROOT)
+                        str(tmp_path / "f"), "--strict", "--allow-outside-root"], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
     assert r.returncode == 1 and "0 videos processed" in r.stdout
 
 
