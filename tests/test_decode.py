@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline import decode as D
-from pipeline.decode import DecodeError, plan_segments, probe, read_frames
+from pipeline.decode import DecodeError, Fault, plan_segments, probe, read_frames
+from pipeline.decode.watchdog import LAST_WORKER
 from tests.videos import frame_index_of, make_fault_corpus, make_video
 
 pytestmark = pytest.mark.timeout(120)
@@ -138,14 +139,13 @@ def test_more_decoder_threads_same_frames(videos):
     assert np.array_equal(a.frames, b.frames)
 
 
-@pytest.mark.parametrize("cache", ["0", "1"])
-def test_healthy_video_needs_no_recovery_pass(videos, monkeypatch, cache):
+@pytest.mark.parametrize("cache", [False, True])
+def test_healthy_video_needs_no_recovery_pass(videos, cache):
     """Every frame comes from the planned pass (the careful fallback pass is for damaged files)."""
-    monkeypatch.setenv("MALMM_DECODE_INDEX_CACHE", cache)
     for name in ("short_gop", "long_gop"):
         for s in ("auto", "seek", "sequential"):
             for timeout in (None, 60):
-                r = read_frames(videos[name], [0, 1, 50, 120, 121], strategy=s, timeout_s=timeout)
+                r = read_frames(videos[name], [0, 1, 50, 120, 121], strategy=s, timeout_s=timeout, index_cache=cache)
                 assert "recovery_pass" not in r.stats, (name, s, r.stats)
                 assert codes(r.frames) == [0, 1, 50, 120, 121]
 
@@ -257,72 +257,66 @@ def test_corrupt_payload_is_replaced_by_nearest_decodable_frame(tmp_path):
 
 # ----------------------------------------------------------------------------- fallback and watchdog
 
-def test_pyav_fallback_when_decord_fails(videos, monkeypatch):
-    monkeypatch.setenv("MALMM_DECODE_TEST_FAIL", "decord")
-    r = read_frames(videos["short_gop"], [4, 44], decoder="decord")
+def test_pyav_fallback_when_decord_fails(videos):
+    fault = Fault("fail", "decord")
+    r = read_frames(videos["short_gop"], [4, 44], decoder="decord", fault=fault)
     assert r.decoder == "pyav" and codes(r.frames) == [4, 44]
-    r = read_frames(videos["short_gop"], [4, 44], strategy="get_batch")
+    r = read_frames(videos["short_gop"], [4, 44], strategy="get_batch", fault=fault)
     assert r.decoder == "pyav" and codes(r.frames) == [4, 44]
 
 
-def test_decord_fallback_when_pyav_fails(videos, monkeypatch):
-    monkeypatch.setenv("MALMM_DECODE_TEST_FAIL", "pyav")
-    r = read_frames(videos["short_gop"], [4, 44], size=(48, 64))
+def test_decord_fallback_when_pyav_fails(videos):
+    fault = Fault("fail", "pyav")
+    r = read_frames(videos["short_gop"], [4, 44], size=(48, 64), fault=fault)
     assert r.decoder == "decord" and codes(r.frames) == [4, 44]
-    assert probe(videos["short_gop"]).decoder == "decord"
+    assert probe(videos["short_gop"], fault=fault).decoder == "decord"
 
 
-def test_both_engines_failing_is_a_decode_error(videos, monkeypatch):
-    monkeypatch.setenv("MALMM_DECODE_TEST_FAIL", "any")
+def test_both_engines_failing_is_a_decode_error(videos):
     with pytest.raises(DecodeError) as ei:
-        read_frames(videos["short_gop"], [1])
+        read_frames(videos["short_gop"], [1], fault=Fault("fail", "any"))
     assert ei.value.reason == "decode_error" and "simulated" in str(ei.value)
 
 
-def test_crashed_worker_is_replaced_and_the_other_engine_used(videos, monkeypatch):
-    monkeypatch.setenv("MALMM_DECODE_TEST_CRASH", "pyav")
-    r = read_frames(videos["short_gop"], [9], timeout_s=60)
+def test_crashed_worker_is_replaced_and_the_other_engine_used(videos):
+    r = read_frames(videos["short_gop"], [9], timeout_s=60, fault=Fault("crash", "pyav"))
     assert r.decoder == "decord" and codes(r.frames) == [9]
-    monkeypatch.setenv("MALMM_DECODE_TEST_CRASH", "any")
     with pytest.raises(DecodeError) as ei:
-        read_frames(videos["short_gop"], [9], timeout_s=60)
+        read_frames(videos["short_gop"], [9], timeout_s=60, fault=Fault("crash", "any"))
     assert ei.value.reason == "decode_error" and "signal" in str(ei.value)
-    monkeypatch.delenv("MALMM_DECODE_TEST_CRASH")
     assert codes(read_frames(videos["short_gop"], [9]).frames) == [9]
 
 
 @pytest.mark.timeout(60)
-def test_watchdog_kills_a_hung_decode(videos, monkeypatch):
+def test_watchdog_kills_a_hung_decode(videos):
     read_frames(videos["short_gop"], [0])  # warm a worker
-    monkeypatch.setenv("MALMM_DECODE_TEST_HANG", "600")
+    hang = Fault("hang", seconds=600)
     t0 = time.monotonic()
     with pytest.raises(DecodeError) as ei:
-        read_frames(videos["short_gop"], [1, 2], timeout_s=2)
+        read_frames(videos["short_gop"], [1, 2], timeout_s=2, fault=hang)
     elapsed = time.monotonic() - t0
     assert ei.value.reason == "timeout"
     assert 1.9 <= elapsed < 10
-    pid = D._LAST_WORKER["pid"]
+    pid = LAST_WORKER["pid"]
     assert not _alive(pid), "the hung worker must be killed"
     with pytest.raises(DecodeError) as ei:
-        probe(videos["short_gop"], timeout_s=1)
+        probe(videos["short_gop"], timeout_s=1, fault=hang)
     assert ei.value.reason == "timeout"
-    monkeypatch.delenv("MALMM_DECODE_TEST_HANG")
     assert codes(read_frames(videos["short_gop"], [1, 2], timeout_s=30).frames) == [1, 2]
 
 
-def test_hang_in_one_engine_only_still_times_out(videos, monkeypatch):
+def test_hang_in_one_engine_only_still_times_out(videos):
     """A timeout is final: the budget covers the whole call, fallbacks included."""
-    monkeypatch.setenv("MALMM_DECODE_TEST_HANG", "600:pyav")
     with pytest.raises(DecodeError) as ei:
-        read_frames(videos["short_gop"], [1], timeout_s=1.5)
+        read_frames(videos["short_gop"], [1], timeout_s=1.5, fault=Fault("hang", "pyav", seconds=600))
     assert ei.value.reason == "timeout"
 
 
 def test_workers_are_reused(videos):
     read_frames(videos["short_gop"], [0])
-    first = D._LAST_WORKER["pid"]
+    first = LAST_WORKER["pid"]
     read_frames(videos["short_gop"], [1])
-    assert D._LAST_WORKER["pid"] == first
+    assert LAST_WORKER["pid"] == first
 
 
 def test_decode_error_pickles():
@@ -337,22 +331,16 @@ def test_watchdog_inside_a_ray_worker(videos, ray_local):
     import ray
 
     @ray.remote
-    def task(path, hang):
-        import os
-
+    def task(path, fault):
         from pipeline.decode import DecodeError, read_frames
-        if hang:
-            os.environ["MALMM_DECODE_TEST_HANG"] = "600"
-        else:
-            os.environ.pop("MALMM_DECODE_TEST_HANG", None)
         try:
-            r = read_frames(path, [3, 30], timeout_s=3)
+            r = read_frames(path, [3, 30], timeout_s=3, fault=fault)
             return r.indices.tolist(), r.frames.shape
         except DecodeError as e:
             return e.reason
 
-    assert ray.get(task.remote(str(videos["short_gop"]), False)) == ([3, 30], (2,) + SIZE + (3,))
-    assert ray.get(task.remote(str(videos["short_gop"]), True)) == "timeout"
+    assert ray.get(task.remote(str(videos["short_gop"]), None)) == ([3, 30], (2,) + SIZE + (3,))
+    assert ray.get(task.remote(str(videos["short_gop"]), Fault("hang", seconds=600))) == "timeout"
 
 
 def _alive(pid: int) -> bool:
