@@ -37,9 +37,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-# every timed call of ours indexes the file, like every VideoReader does (no reuse of the worker's index)
-os.environ["MALMM_DECODE_INDEX_CACHE"] = "0"
-
 from pipeline import decode as D  # noqa: E402
 from tests.videos import make_video  # noqa: E402
 
@@ -58,12 +55,16 @@ def sampling_indices(kind: str, num_frames: int, fps: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- methods
 
+# every call of ours indexes the file, like every VideoReader does (no reuse of the worker's index)
+NO_CACHE = dict(index_cache=False)
+
+
 def ours(path, idx, size):
-    return D.read_frames(path, idx, size=size).frames
+    return D.read_frames(path, idx, size=size, **NO_CACHE).frames
 
 
 def ours_inproc(path, idx, size):
-    return D.read_frames(path, idx, size=size, timeout_s=None).frames
+    return D.read_frames(path, idx, size=size, timeout_s=None, **NO_CACHE).frames
 
 
 def decord_get_batch(path, idx, size, threads):
@@ -125,7 +126,7 @@ def run(args) -> dict:
             make_video(path, args.frames, args.fps, hw, gop=gop, seed=11)
             print(f"# wrote {path.name}: {args.frames} frames {hw[1]}x{hw[0]} GOP {gop}, "
                   f"{path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
-            info = D.probe(path)
+            info = D.probe(path, **NO_CACHE)
             for kind in samplings:
                 idx = sampling_indices(kind, info.num_frames, info.fps)
                 # warm-up (worker start, page cache) and correctness check
@@ -133,7 +134,7 @@ def run(args) -> dict:
                 b = decord_get_batch(path, idx, size, 1)
                 order = np.searchsorted(np.unique(idx), idx)
                 identical = bool(np.array_equal(a, b[order]))
-                r = D.read_frames(path, idx, size=size)
+                r = D.read_frames(path, idx, size=size, **NO_CACHE)
                 times = {m: [] for m in METHODS}
                 for _ in range(args.reps):
                     for m, fn in METHODS.items():
