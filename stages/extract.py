@@ -168,8 +168,6 @@ def decode_video(item: dict) -> dict:
 
     units = json.loads(item["units"])
     t0 = time.perf_counter()
-    if os.environ.get("MALMM_DECODE_DELAY"):  # test hook: slow decoding so a kill lands mid-run
-        time.sleep(float(os.environ["MALMM_DECODE_DELAY"]))
     row = {"vid": item["vid"], "source": item["source"], "frames": np.zeros((0, 1, 1, 3), np.uint8),
            "error_reason": "", "error_message": "", "info": "{}", "units": item["units"], "decode_s": 0.0}
     try:

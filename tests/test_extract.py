@@ -19,6 +19,8 @@ from pipeline.shards import iter_shard
 from stages import extract
 
 ROOT = Path(__file__).resolve().parents[1]
+#: a sitecustomize that slows decoding in every process of a run started with it first on PYTHONPATH
+SLOW_DECODE = ROOT / "tests" / "hooks" / "slow_decode"
 
 
 def shard_bytes(d: Path) -> dict[str, bytes]:
@@ -148,8 +150,10 @@ def test_kill_and_resume_is_byte_identical(tmp_path, synth_small, features_small
     out = tmp_path / "feat"
     cmd = [sys.executable, "-m", "pipeline", "extract", "--manifest", str(synth_small / "manifest.csv"),
            "--out", str(out), "--shard-size", "8"]
-    env = {**os.environ, "RAY_ADDRESS": "", "MALMM_DECODE_DELAY": "0.5"}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    # every process of this run slows each video's decoding by 0.5 s (tests/hooks/slow_decode/sitecustomize.py)
+    slow = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(SLOW_DECODE), env.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=slow, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((out / "_staging").glob("*.json"))) < 3:
@@ -158,7 +162,6 @@ def test_kill_and_resume_is_byte_identical(tmp_path, synth_small, features_small
     proc.wait()
     staged = len(list((out / "_staging").glob("*.json")))
     assert 3 <= staged < 16, "the kill should land mid-run"
-    env.pop("MALMM_DECODE_DELAY")
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"{16 - staged} video(s) to process" in r.stderr or "to process" in r.stderr
