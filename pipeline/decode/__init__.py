@@ -8,7 +8,7 @@ Public API
 * :func:`probe` and :func:`read_frames`; :func:`plan_segments` (the plans); :class:`Fault` (simulated
   failures, for tests).
 
-Modules, one job each (imports point down this list, never up):
+Modules, one job each (each imports only modules listed above it: no circles):
 
 * ``results`` — the public types and error reasons.
 * ``plan`` — decode plans: which wanted frames to seek to and which to decode forward to.
