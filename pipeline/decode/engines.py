@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,8 +21,8 @@ from pipeline.decode.plan import plan_segments
 from pipeline.decode.probe import PyAVProber, rotation_k
 from pipeline.decode.results import DecodeError, VideoInfo
 
-if TYPE_CHECKING:  # (the watchdog's shared frame buffer; engines only call its .array(shape))
-    from pipeline.decode.watchdog import Arena
+# ``arena`` below: the watchdog's shared frame buffer (:class:`pipeline.decode.watchdog.Arena`; engines only
+# call its ``.array(shape)``), or None for a plain array. (Not imported: the watchdog imports this module.)
 
 
 def clamp(req: np.ndarray, num_frames: int) -> np.ndarray:
