@@ -36,6 +36,7 @@ def split_camel(name: str) -> str:
 
 
 def coin(ctx: Context) -> None:
+    """COIN.json → one row per video of the wanted subset (the rules: this module's docstring)."""
     ctx.extras = COIN_COLUMNS
     if ctx.file is not None:
         path = ctx.file

@@ -120,6 +120,7 @@ def flag(value: bool | None) -> str:
 # ============================================================================ the converter
 
 def ek100(ctx: Context) -> None:
+    """The split CSVs → three rows per narration (the rules: this module's docstring)."""
     ctx.extras = EK100_OUTPUT_COLUMNS
     if ctx.split == "test":
         raise ConversionError(ctx.ann, "EPIC-Kitchens-100 test labels are not public (EPIC_100_test_timestamps.csv "
