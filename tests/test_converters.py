@@ -1,4 +1,4 @@
-"""Converters from the published annotation formats to the manifest (pipeline/converters.py).
+"""Converters from the published annotation formats to the manifest (pipeline/converters/).
 
 Two kinds of inputs: the real annotation files in ../shared/data/annotations (or
 $MALMM_ANNOTATIONS; these tests skip when absent) and small hand-made files in each

@@ -83,11 +83,12 @@ def test_infer_writes_predictions_and_resume_adds_no_duplicates(zero_shot, featu
     assert set(df.num_frames) == {12} and {json.loads(m)["memory_length"] for m in df.memory} == {8}
     assert {v["memory_length"] for v in info["protocols"].values()} == {8}
 
-    # re-run: everything already predicted under the same fingerprint
+    # re-run: everything already predicted under the same fingerprint, the predictions file untouched
+    written = path.read_bytes()
     again = infer.run(_infer_cfg(features_small, synth_small, out, tiny_model, label="tiny zero-shot"),
                       progress=False)
     assert again["predicted"] == 0 and again["skipped"] == len(test_samples)
-    assert path.read_bytes() == path.read_bytes() and len(pd.read_parquet(path)) == len(df)
+    assert path.read_bytes() == written and len(pd.read_parquet(path)) == len(df)
 
     # an interrupted run: drop some rows, re-run predicts exactly those, no duplicates, same beams
     from pipeline.shards import write_parquet

@@ -107,10 +107,12 @@ def _strip_checksums(features: Path) -> None:
 # ----------------------------------------------------------------------------- checksums
 
 def test_every_sample_carries_checksums_in_its_json_and_the_shard_stats(features_small):
-    for shard in sorted(features_small.glob("shard-*.tar")):
+    shards = sorted(features_small.glob("shard-*.tar"))
+    assert shards
+    for shard in shards:
         stats = json.loads(_stats_file(shard).read_text())
         groups = _members_by_key(shard)
-        assert set(stats.get("checksums", {})) == set(groups)
+        assert groups and set(stats.get("checksums", {})) == set(groups)
         for key, group in groups.items():
             meta = json.loads(group["json"])
             for ext in ("features.npy", "frame_indices.npy", "timestamps.npy"):  # the sample's JSON: its arrays
@@ -135,6 +137,7 @@ def test_flipped_byte_is_a_typed_error_naming_shard_key_and_member(features_copy
     assert shard.name in str(e.value) and key in str(e.value) and "checksum mismatch" in str(e.value)
     # the shard's other samples still load, and the standard-library reader refuses the bad one too
     others = [k for k in _members_by_key(shard) if k != key]
+    assert others
     for k in others:
         assert store.load(k)["features"].shape[1:] == clean["features"].shape[1:]
     with pytest.raises(ValueError, match=key):

@@ -1,4 +1,5 @@
-"""The memory Q-Former and the MA-LMM wrapper (DESIGN §3): equivalences and streaming properties."""
+"""The memory Q-Former and the MA-LMM wrapper (`pipeline/model/modeling_malmm.py`; the README's
+*Architecture* section): equivalences and streaming properties."""
 from __future__ import annotations
 
 import copy
@@ -336,7 +337,14 @@ def test_loss_is_on_target_tokens_only(tiny_dir):
     counts = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in targets]  # + eos
     weighted = sum(l * n for l, n in zip(single, counts)) / sum(counts)
     torch.testing.assert_close(batch, weighted, atol=1e-5, rtol=0)
-    # a longer prompt changes the context but never adds loss terms
+    # a longer prompt (a batch padded further) changes the context but never adds loss terms: the batch
+    # loss is still the target-token-weighted mean of the samples' losses
+    longer = [PROMPTS[0] + " where did the last object move ?", *PROMPTS[1:]]
+    with torch.no_grad():
+        batch = model(features=x, prompts=longer, targets=targets).loss
+        single = [model(features=x[i:i + 1], prompts=longer[i:i + 1], targets=targets[i:i + 1]).loss
+                  for i in range(3)]
+    torch.testing.assert_close(batch, sum(l * n for l, n in zip(single, counts)) / sum(counts), atol=1e-5, rtol=0)
     assert model.llm.training is False
 
 

@@ -1,5 +1,8 @@
-"""Memory bank compression (MBC) and the memory bank policies (DESIGN §3.4)."""
+"""Memory bank compression (MBC) and the memory bank policies (`pipeline/model/memory.py`; the
+README's *Architecture* section)."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -160,5 +163,6 @@ def test_state_is_immutable_value():
     s = MemoryState(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), queries=(None, None))
     s2 = s.evolve(frames_seen=5)
     assert s.frames_seen == 0 and s2.frames_seen == 5 and s2.batch_size == 2
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.frames_seen = 3
+    assert s.frames_seen == 0

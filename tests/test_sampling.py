@@ -52,7 +52,8 @@ def test_segment_indices_train_random_eval_middle():
     assert segment_indices(10, 5).tolist() == [1, 3, 5, 7, 9]
     rng = np.random.default_rng(0)
     r = segment_indices(100, 10, rng)
-    assert all(10 * i <= v < 10 * (i + 1) for i, v in enumerate(r))
+    assert len(r) == 10 and all(10 * i <= v < 10 * (i + 1) for i, v in enumerate(r))
+    assert r.tolist() != segment_indices(100, 10).tolist()  # random within each segment, not the middles
 
 
 def test_lvu_window_cut_from_cached_frames():
@@ -64,4 +65,4 @@ def test_lvu_window_cut_from_cached_frames():
     assert len(pos) == 20 and ts[pos][0] == 42 and ts[pos][-1] == 137
     rng = np.random.default_rng(1)
     pos = select_frames(ts, 20, window=(40.0, 140.0), rng=rng)
-    assert ((ts[pos] >= 40) & (ts[pos] < 140)).all()
+    assert len(pos) == 20 and ((ts[pos] >= 40) & (ts[pos] < 140)).all()
