@@ -114,7 +114,7 @@ def load_file(path: str | Path | None) -> dict:
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
+        import yaml  # optional: only for YAML config files
         data = yaml.safe_load(text) or {}
     elif path.suffix == ".toml":
         data = tomllib.loads(text)

@@ -21,6 +21,9 @@ import pandas as pd
 from pipeline.benchmarks import Protocol, protocol
 from pipeline.manifest import Manifest
 from pipeline.sampling import segment_indices
+from pipeline.shards import (CorruptSampleError, MalformedShardError, ShardIntegrityError, decode_sample, iter_members,
+                             load_index, read_stats_checksums, sample_checksum, stats_path)
+from pipeline.units import sample_policy, unit_clip, unit_key
 
 
 class FeatureStore:
@@ -35,7 +38,6 @@ class FeatureStore:
 
     def __init__(self, features_dir: str | Path):
         self.dir = Path(features_dir)
-        from pipeline.shards import load_index
         self.index = load_index(self.dir)
         self.plan = json.loads((self.dir / "extract.json").read_text()) if (self.dir / "extract.json").exists() else {}
         self._offsets: dict[str, dict[str, tuple[str, int, int]]] | None = None
@@ -44,7 +46,6 @@ class FeatureStore:
     @property
     def offsets(self) -> dict[str, dict[str, tuple[str, int, int]]]:
         if self._offsets is None:
-            from pipeline.shards import MalformedShardError, iter_members
             offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
             for shard in sorted(set(self.index.shard_file.dropna())):
                 if not re.fullmatch(r"shard-\d+\.tar", str(shard)):  # never a path out of the folder
@@ -73,13 +74,11 @@ class FeatureStore:
 
     def _checksums(self, shard: str) -> dict | None:
         if shard not in self._sums:
-            from pipeline.shards import read_stats_checksums
             self._sums[shard] = read_stats_checksums(shard)
         return self._sums[shard]
 
     def expected_checksums(self, key: str) -> dict[str, str] | None:
         """The stats.json checksums of a key's members; None for shards without checksums."""
-        from pipeline.shards import CorruptSampleError, stats_path
         shard = next(iter(self.offsets[key].values()))[0]
         sums = self._checksums(shard)
         if sums is None:
@@ -91,7 +90,6 @@ class FeatureStore:
     def checksum(self, key: str) -> str:
         """One digest of the key's array members (features, frame indices, timestamps), read from the
         shard's stats.json without touching the tar; '' for shards without checksums."""
-        from pipeline.shards import ShardIntegrityError, sample_checksum
         try:
             return sample_checksum(self.expected_checksums(key))
         except ShardIntegrityError:
@@ -103,7 +101,6 @@ class FeatureStore:
         Raises `CorruptSampleError` (a ValueError naming the shard, key and member) when a member's
         bytes do not match their checksum, are truncated or missing.
         """
-        from pipeline.shards import CorruptSampleError, decode_sample
         entries = self.offsets[key]
         shard = next(iter(entries.values()))[0]
         members = {}
@@ -149,8 +146,6 @@ class JoinReport:
 def join_samples(manifest: Manifest, store: FeatureStore, *, split: str | None, benchmark: str | None,
                  task: str | None = None) -> JoinReport:
     """Manifest rows of (split, benchmark, task) that have features; the others counted by reason."""
-    from stages.extract import sample_policy, unit_clip, unit_key
-
     df = manifest.df
     if split:
         df = df[df.split == split]
@@ -253,7 +248,7 @@ class SampleDataset:
 
 
 def collate(items: list[dict]) -> dict:
-    import torch
+    import torch  # heavy: imported on use (the CLI imports this module)
     return {"features": torch.from_numpy(np.stack([it["features"] for it in items])),
             "prompts": [it["prompt"] for it in items], "answers": [it["answer"] for it in items],
             "index": [it["index"] for it in items]}

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 
+from pipeline.benchmarks import protocol
 from pipeline.config import malmm_home
+from pipeline.synth import frame_corpus, lm_corpus
 
 TINY_NAME = "tiny-instructblip-v6"  # bump when the tiny build changes
 
@@ -17,6 +18,9 @@ def tiny_dir() -> Path:
 def ensure_tiny_default(*, pretrain_steps: int | None = None, quiet: bool = False) -> Path:
     """Return the tiny default's directory, building it on first use (about a minute on a CPU).
 
+    ``pretrain_steps``: LLM pretraining steps of a build (the Q-Former's image pretraining then runs
+    half as many, at least 50); None builds the default (the LLM's default steps, 800 Q-Former
+    steps). A shorter build is for test suites; it applies only when this call builds the model.
     The build is guarded by a file lock so concurrent stages build it once.
     """
     target = tiny_dir()
@@ -26,10 +30,8 @@ def ensure_tiny_default(*, pretrain_steps: int | None = None, quiet: bool = Fals
     with open(target.parent / f".{TINY_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
-            from pipeline.benchmarks import protocol
-            from pipeline.model.tiny import build_tiny_instructblip
-            from pipeline.synth import frame_corpus, lm_corpus
-            steps = pretrain_steps or int(os.environ.get("MALMM_TINY_PRETRAIN_STEPS", "0")) or None
+            from pipeline.model.tiny import build_tiny_instructblip  # heavy (torch, transformers): on use
+            steps = pretrain_steps or None
             if not quiet:
                 print(f"building the tiny default model into {target} (once) …", flush=True)
             # Q-Former image pretraining: 800 steps (its loss is ~0.01 after 600, measured)

@@ -620,7 +620,7 @@ def _close_meteor(meteor) -> None:
 
 def _prepare_captions(proto: Protocol, rows: pd.DataFrame, rule: str | AnswerRule = DEFAULT_ANSWER_RULE) -> _Captions:
     """Captions score alike under every answer rule (the beam trimmed; pycocoevalcap tokenizes)."""
-    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.bleu.bleu import Bleu  # heavy, optional: imported on use
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_refs, cook_test
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor

@@ -39,7 +39,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
     Returns the cluster's resources. Safe to call twice. First reaps the embedded clusters of
     earlier drivers that died without shutting Ray down; records the one it starts.
     """
-    import ray
+    import ray  # heavy: imported on use (keeps the CLI's start-up fast)
 
     if not ray.is_initialized():
         reap_orphans()
@@ -73,7 +73,7 @@ def _project_root() -> str:
 
 
 def cluster_has_gpus() -> bool:
-    import ray
+    import ray  # heavy: imported on use
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -140,7 +140,7 @@ def _forget(path: Path) -> None:
     later, would do) and drop the record once every recorded process has ended (what is left, the
     next run reaps)."""
     try:
-        import ray
+        import ray  # heavy: imported on use
         if ray.is_initialized():
             ray.shutdown()
         procs = json.loads(path.read_text())["processes"]
@@ -158,7 +158,7 @@ def record_session(path: Path) -> None:
     """After ``ray.init``: add the session folder and every process Ray started to the record
     (or drop it when Ray only connected to a running cluster, e.g. one from `ray start`)."""
     try:
-        import ray
+        import ray  # heavy: imported on use
         node = ray._private.worker._global_node
         started = {kind: [p.process.pid for p in infos if p.process is not None]
                    for kind, infos in node.all_processes.items()}

@@ -63,6 +63,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing as mp
 import os
 import re
 import time
@@ -72,6 +73,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from pipeline.sampling import SamplingPolicy, frame_indices
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary, questions and prompts
@@ -446,7 +450,7 @@ def frame_corpus(n: int, *, seed: int = 0, size: int = DEFAULT_SIZE) -> tuple[np
 
 def _encode(path: Path, frames: np.ndarray, fps: float, gop: int) -> int:
     """Write frames as H.264 (libx264, yuv420p, one thread) mp4 to ``path`` atomically; return its size."""
-    import av
+    import av  # heavy: imported on use (only when videos are written)
 
     tmp = path.with_name(path.name + ".tmp")
     rate = Fraction(fps).limit_denominator(1001)
@@ -537,8 +541,6 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
         workers = min(os.cpu_count() or 1, 8)
     workers = max(1, min(workers, len(planned)))
 
-    from tqdm import tqdm
-
     total_bytes = 0
     bar = tqdm(total=len(planned), desc="synth videos", unit="video", disable=not progress)
     try:
@@ -547,8 +549,6 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
                 total_bytes += _write_videos(str(out), [v], gop)[0]
                 bar.update(1)
         else:
-            import multiprocessing as mp
-
             chunk = max(1, min(16, len(planned) // (workers * 8)))
             batches = [planned[i:i + chunk] for i in range(0, len(planned), chunk)]
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
@@ -589,8 +589,6 @@ def sampled_events(video: dict, task: str, num_frames: int) -> list[dict]:
     The frames are those of uniform sampling over the clip (``uniform:num_frames``, the synthetic
     protocol's extraction policy): the whole video, or for ``next_event`` the observed part.
     """
-    from pipeline.sampling import SamplingPolicy, frame_indices
-
     end = video["observe_end_sec"] if task == "next_event" else None
     idx, _ = frame_indices(SamplingPolicy("uniform", num_frames), video["num_frames"], video["fps"],
                            0.0 if end is not None else None, end)

@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline import synth
 from pipeline.config import ExtractConfig, InferConfig, TrainConfig
+from pipeline.defaults import ensure_tiny_default
+from pipeline.runtime import init_ray
 from pipeline.shards import write_json
+from stages import extract, infer, report, train
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,6 @@ def train_and_predict(jobs: dict[str, tuple[TrainConfig, InferConfig]], *, threa
     "train_started": …, "train_ended": …}`` (the stage results, and wall-clock times);
     the first failure is raised once every variant has ended, so what the others computed is kept.
     """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from pipeline.runtime import init_ray
-    from stages import infer, train
-
     cpus = int(init_ray().get("CPU", 1))  # once, before the variants' threads start; what Ray can schedule
     parallel = max(1, min(len(jobs), cpus // max(1, threads)))
 
@@ -105,10 +105,6 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, seed
     ``out/runs/epochs{E}-seed{S}/{variant}``, so that changing either trains anew and switching
     back re-scores what is there.
     """
-    from pipeline import synth
-    from pipeline.defaults import ensure_tiny_default
-    from stages import extract, report
-
     size = QUICK if quick else FULL
     n_videos = videos or size.videos
     n_epochs = epochs or size.epochs

@@ -45,71 +45,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
 
+from pipeline import decode
 from pipeline import shards as sh
-from pipeline.benchmarks import protocol
 from pipeline.config import ExtractConfig
+from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
-from pipeline.manifest import (MAX_SHOWN, Manifest, ManifestError, find_missing, local_video_path, read_manifest,
-                               resolve_video)
+from pipeline.manifest import MAX_SHOWN, Manifest, ManifestError, find_missing, local_video_path, read_manifest
+from pipeline.runtime import cluster_has_gpus, init_ray
 from pipeline.sampling import SamplingPolicy, frame_indices
+from pipeline.units import Unit, plan_units
+from pipeline.vision import CLIP_MEAN, CLIP_STD, model_identity, pixel_values, pre_layernorm_features
 
-# CLIP normalisation used by InstructBLIP's image processor
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STAGING = "_staging"
 
 
 # ----------------------------------------------------------------------------- plan
-
-@dataclass
-class Unit:
-    key: str
-    video: str  # as written in the manifest
-    source: str  # resolved path / URI
-    start_sec: float | None
-    end_sec: float | None
-    policy: str
-    sample_ids: list[str] = field(default_factory=list)
-    shard: int = -1
-
-
-def unit_key(video: str, start_sec: float | None, end_sec: float | None, policy: str) -> str:
-    """Content hash of (video identity, clip bounds, sampling policy): the sample key in the shards."""
-    ident = json.dumps([video, start_sec, end_sec, str(policy)], separators=(",", ":"))
-    return hashlib.sha1(ident.encode()).hexdigest()[:20]
-
-
-def _nan_to_none(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
-
-
-def unit_clip(row, policy_source_benchmark: str, task: str) -> tuple[float | None, float | None]:
-    """Clip bounds of the unit a sample maps to. Windowed benchmarks (LVU) cache the whole video."""
-    proto = protocol(policy_source_benchmark, task)
-    if proto.window_sec:
-        return None, None
-    return _nan_to_none(row["start_sec"]), _nan_to_none(row["end_sec"])
-
-
-def sample_policy(benchmark: str, task: str, override: str | None) -> SamplingPolicy:
-    return SamplingPolicy.parse(override) if override else protocol(benchmark, task).extract_sampling
-
-
-def plan_units(manifest: Manifest, video_root: str | None, sampling: str | None, shard_size: int) -> list[Unit]:
-    units: dict[str, Unit] = {}
-    for row in manifest.df.to_dict("records"):
-        policy = str(sample_policy(row["benchmark"], row["task"], sampling))
-        start, end = unit_clip(row, row["benchmark"], row["task"])
-        key = unit_key(row["video"], start, end, policy)
-        if key not in units:
-            units[key] = Unit(key, row["video"], resolve_video(row["video"], video_root), start, end, policy)
-        units[key].sample_ids.append(row["sample_id"])
-    ordered = sorted(units.values(), key=lambda u: u.key)
-    for i, u in enumerate(ordered):
-        u.shard = i // shard_size
-    return ordered
-
 
 def _report_missing(manifest: Manifest, video_root: str | None, todo: list[Unit]) -> None:
     """Plan-time check of the video files still to be processed: every missing one is listed at once,
@@ -164,8 +118,6 @@ def staged(out: Path, vid: str) -> bool:
 
 def decode_video(item: dict) -> dict:
     """Ray Data task: decode the union of every unit's frames of one video, once."""
-    from pipeline import decode
-
     units = json.loads(item["units"])
     t0 = time.perf_counter()
     row = {"vid": item["vid"], "source": item["source"], "frames": np.zeros((0, 1, 1, 3), np.uint8),
@@ -204,7 +156,7 @@ class VisionEncoder:
     """Ray Data actor: the frozen vision model, loaded once per actor."""
 
     def __init__(self, model_dir: str, batch_size: int, dtype: str):
-        import torch
+        import torch  # heavy (the model package too: torch, transformers): imported where the actor starts
 
         from pipeline.model.checkpoint import load_vision_model
 
@@ -247,35 +199,6 @@ def _object_column(arrays: list) -> np.ndarray:
     for i, a in enumerate(arrays):
         col[i] = a
     return col
-
-
-def pixel_values(frames):
-    """uint8 RGB frames ``[N, H, W, 3]`` (a tensor) -> CLIP-normalised float ``[N, 3, H, W]`` on their device."""
-    import torch
-    mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1)
-    return (frames.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-
-
-def pre_layernorm_features(vision_model, pixel_values):
-    """Hidden states of the last encoder layer, before ``post_layernorm`` (the trainable ln_vision)."""
-    emb = vision_model.embeddings(pixel_values)
-    enc = vision_model.encoder(inputs_embeds=emb)
-    return enc[0] if isinstance(enc, tuple) else enc.last_hidden_state
-
-
-def model_identity(model, model_dir: str) -> dict:
-    """Name, config hash and weights hash of the vision model (stored in every sample's metadata)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    cfg = model.config.to_dict()
-    for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-        cfg.pop(k, None)
-    return {"name": Path(model_dir).name, "class": type(model).__name__,
-            "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "weights_sha256": h.hexdigest()[:16]}
 
 
 # ----------------------------------------------------------------------------- stage
@@ -397,7 +320,6 @@ def write_tables(out: Path) -> tuple[int, int]:
     cols = ["key", "video", "start_sec", "end_sec", "policy", "shard", "shard_file", "status", "reason", "message",
             "num_frames", "n_samples", "sample_ids", "decode_s", "encode_s"]
     rows = [{c: r.get(c) for c in cols} for r in ledger]
-    import pyarrow as pa
     schema = pa.schema([("key", pa.string()), ("video", pa.string()), ("start_sec", pa.float64()),
                         ("end_sec", pa.float64()), ("policy", pa.string()), ("shard", pa.int64()),
                         ("shard_file", pa.string()), ("status", pa.string()), ("reason", pa.string()),
@@ -472,7 +394,6 @@ def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
     complete = all(shard_done(out, s) for s in range(n_shards))
     if complete:
         shutil.rmtree(out / STAGING, ignore_errors=True)
-    import pandas as pd
     ledger = pd.read_parquet(out / "ledger.parquet")
     failures = ledger[ledger.status != "ok"].reason.value_counts().to_dict()
     return ExtractResult(str(out), len(units), ok, failed, len(by_vid), n_videos - len(by_vid), n_shards,
@@ -480,11 +401,7 @@ def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
 
 
 def _process(cfg: ExtractConfig, out: Path, by_vid: dict[str, list[Unit]], progress: bool) -> None:
-    import ray
-    from tqdm import tqdm
-
-    from pipeline.defaults import resolve_model_dir
-    from pipeline.runtime import cluster_has_gpus, init_ray
+    import ray  # heavy: imported on use (keeps the CLI's start-up fast)
 
     model_dir = str(resolve_model_dir(cfg.model))
     image_size = _image_size(model_dir)

@@ -32,13 +32,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from tqdm import tqdm
 
 from pipeline.benchmarks import protocol
 from pipeline.config import InferConfig
 from pipeline.data import FeatureStore, Sample, SampleDataset, collate, join_samples
+from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
 from pipeline.metrics import SUBSET_COLUMNS, membership, scored_prediction
+from pipeline.runtime import cluster_has_gpus, init_ray
 from pipeline.shards import write_parquet
 
 PRED_SCHEMA = pa.schema([
@@ -57,7 +60,7 @@ PRED_SCHEMA = pa.schema([
 
 def generate_batch(model, features, prompts: list[str], proto, device) -> tuple[list[list[str]], list[int]]:
     """Beam search for one batch of one protocol; returns (beams per sample, generated tokens of beam 0)."""
-    import torch
+    import torch  # heavy: imported on use (keeps the CLI's start-up fast)
 
     g = proto.generation
     with torch.inference_mode():
@@ -149,7 +152,7 @@ class Generator:
 
     def __init__(self, model_dir: str, checkpoint: str | None, malmm: dict, features_dir: str,
                  num_frames: int | None, ckpt_id: str, trust_pickle: bool = False, settings: dict | None = None):
-        import torch
+        import torch  # heavy (the model package too: torch, transformers): imported where the actor starts
 
         from pipeline.model.checkpoint import load_malmm
         from pipeline.model.modeling_malmm import MALMMConfig
@@ -223,8 +226,8 @@ class ModelSpec:
 
 def _resolve_model(cfg: InferConfig, trust_pickle: bool = False) -> ModelSpec:
     """The base model, checkpoint and MALMMConfig (as a dict) that ``--checkpoint`` names, with its recorded T and L."""
-    from pipeline.defaults import resolve_model_dir
-    from pipeline.model.checkpoint import CHECKPOINT_CONFIG, malmm_config_from_lavis, release_info
+    from pipeline.model.checkpoint import (CHECKPOINT_CONFIG, malmm_config_from_lavis,  # heavy (torch): on use
+                                           release_info)
     from pipeline.model.modeling_malmm import LAVIS_LN_VISION_EPS, MALMMConfig
 
     # absolute: the Ray actors that load them do not run in the driver's folder
@@ -269,7 +272,7 @@ def protocol_settings(spec: ModelSpec, cfg: InferConfig, keys) -> tuple[dict, di
     Returns ``(settings, malmm, warnings)``; ``settings[(benchmark, task)]`` holds ``num_frames``,
     ``memory_length``, ``memory`` and where each came from.
     """
-    from pipeline.model.modeling_malmm import MALMMConfig
+    from pipeline.model.modeling_malmm import MALMMConfig  # heavy (torch): imported on use
 
     source = "the checkpoint" if spec.kind == "checkpoint" else f"{Path(spec.checkpoint or '').name}'s saved config"
     notes = []
@@ -364,10 +367,7 @@ def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) 
 def _predict(cfg: InferConfig, rep, store: FeatureStore, run_dir: Path, spec, settings: dict, malmm: dict,
              notes: list[str], ckpt_id: str, features_id: str, progress: bool, trust_pickle: bool) -> dict:
     model_dir, ckpt = spec.model_dir, spec.checkpoint
-    import ray
-    from tqdm import tqdm
-
-    from pipeline.runtime import cluster_has_gpus, init_ray
+    import ray  # heavy: imported on use (keeps the CLI's start-up fast)
 
     done = load_predictions(run_dir)
     done_fp = set(done.loc[done.error.fillna("") == "", "fingerprint"]) if len(done) else set()

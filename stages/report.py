@@ -27,6 +27,9 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.benchmarks import PROTOCOLS, protocol
+from pipeline import metrics as scoring  # `metrics` names the metric tables here
+from pipeline.metrics import ANSWER_RULES, lvu_average_tasks
+from pipeline.metrics import answer_rule as get_rule
 from pipeline.shards import atomic_path, write_parquet
 
 METRIC_SCHEMA = pa.schema([("run", pa.string()), ("benchmark", pa.string()), ("task", pa.string()),
@@ -80,8 +83,6 @@ def check_labels(run_dirs: list[Path]) -> dict[Path, str]:
 def predictions_fingerprint(files: list[Path], n_boot: int = 0, answer_rule: str | None = None) -> str:
     """Identity of a run's scores: its prediction files' bytes, the bootstrap size and the
     answer rule with its version (``name@version``)."""
-    from pipeline.metrics import answer_rule as get_rule
-
     rule = get_rule(answer_rule or "reference").id
     h = hashlib.sha256(f"n_boot={n_boot};answer_rule={rule};scores=v{SCORES_VERSION}".encode())
     for f in files:
@@ -94,9 +95,7 @@ def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None, answer_rul
               label: str | None = None) -> pd.DataFrame:
     """Tidy metric rows for one run folder (from cache when its predictions and the answer
     rule are unchanged)."""
-    from pipeline import metrics
-
-    rule = metrics.answer_rule(answer_rule)
+    rule = scoring.answer_rule(answer_rule)
     files = sorted((run_dir / "predictions").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no predictions/*.parquet; run `malmm-pipeline infer --out {run_dir}`")
@@ -110,8 +109,8 @@ def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None, answer_rul
     for f in files:
         preds = pd.read_parquet(f)
         for (b, t), df in preds.groupby(["benchmark", "task"], sort=True):
-            rows += [dict(r) for r in metrics.score(protocol(b, t), df, n_boot=n_boot, rule=rule)]
-    rows += [dict(r) for r in metrics.lvu_average([r for r in rows if r["benchmark"] == "lvu"])]
+            rows += [dict(r) for r in scoring.score(protocol(b, t), df, n_boot=n_boot, rule=rule)]
+    rows += [dict(r) for r in scoring.lvu_average([r for r in rows if r["benchmark"] == "lvu"])]
     out = pd.DataFrame(rows)
     out.insert(0, "run", label)
     out["answer_rule"] = rule.id
@@ -122,8 +121,6 @@ def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None, answer_rul
 def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: bool = True,
         answer_rule: str = "reference") -> dict:
     """Score ``runs`` (run folders) under ``answer_rule`` and write the leaderboard into ``out``."""
-    from pipeline.metrics import answer_rule as get_rule
-
     rule = get_rule(answer_rule)  # an unknown rule fails before anything is read
     labels = check_labels([Path(r) for r in runs])
     out_dir = Path(out)
@@ -163,8 +160,6 @@ def _fmt(value: float, lo: float, hi: float) -> str:
 
 def column_label(benchmark: str, task: str, metric: str) -> str:
     """A leaderboard column: ``benchmark / task / metric``; an LVU average says what it covers."""
-    from pipeline.metrics import lvu_average_tasks
-
     covers = lvu_average_tasks(task) if benchmark == "lvu" else None
     if covers is not None:
         task = ("average of 7 tasks" if len(covers) == 7 else f"average of {len(covers)} tasks ("
@@ -175,8 +170,6 @@ def column_label(benchmark: str, task: str, metric: str) -> str:
 def paper_value(benchmark: str, task: str, metric: str) -> float | None:
     """The paper's number for a column: the registry's, or for an LVU average the mean of the
     paper's per-task values over the tasks it covers (None when the paper has none)."""
-    from pipeline.metrics import lvu_average_tasks
-
     covers = lvu_average_tasks(task) if benchmark == "lvu" else None
     if covers is not None:
         vals = [protocol("lvu", t).paper.get(metric) for t in covers]
@@ -189,8 +182,6 @@ def paper_value(benchmark: str, task: str, metric: str) -> float | None:
 
 def family_tables(metrics: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One wide table per benchmark family: rows = runs (+ paper rows), columns = benchmark / task / metric."""
-    from pipeline.metrics import lvu_average_tasks
-
     fam_of = {(b, t): p.family for (b, t), p in PROTOCOLS.items()}
     tables: dict[str, list[dict]] = {}
     m = metrics[metrics.metric != "n_failed"].copy()
@@ -238,8 +229,6 @@ def _best(df: pd.DataFrame, col: str) -> float | None:
 
 def _rules_line(metrics: pd.DataFrame) -> str:
     """Which answer rule the scores use (per run when they differ)."""
-    from pipeline.metrics import ANSWER_RULES
-
     if "answer_rule" not in metrics.columns or not len(metrics):
         return "Answer rule: not recorded."
     per_run = metrics.groupby("run", sort=False).answer_rule.agg(lambda x: ", ".join(dict.fromkeys(x.astype(str))))
@@ -303,7 +292,7 @@ def render(metrics: pd.DataFrame, images: list[str] = ()) -> tuple[str, str]:
 
 def make_plots(metrics: pd.DataFrame, out_dir: Path) -> list[str]:
     """Top-1 per task and run with CI bars; memory / time against frames from reports/bench/model.json."""
-    import matplotlib
+    import matplotlib  # heavy: imported on use (only when plots are drawn)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

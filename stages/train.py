@@ -24,24 +24,33 @@ from its last checkpoint exactly. The run folder is locked while train writes it
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from tqdm import tqdm
 
 from pipeline.benchmarks import protocol, tasks_of
 from pipeline.config import TrainConfig
-from pipeline.data import FeatureStore, join_samples
+from pipeline.data import FeatureStore, SampleDataset, collate, join_samples
+from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
+from pipeline import metrics
+from pipeline.runtime import init_ray
 from pipeline.shards import ShardIntegrityError, atomic_path, write_json, write_parquet
+from stages.infer import predict_samples
 
 CKPT_DIR = "checkpoints"
 
@@ -120,7 +129,7 @@ def plan(cfg: TrainConfig) -> dict:
 
 
 def malmm_config(cfg: TrainConfig, hp: dict):
-    from pipeline.model.modeling_malmm import MALMMConfig
+    from pipeline.model.modeling_malmm import MALMMConfig  # heavy (torch): imported on use
     return MALMMConfig(memory=cfg.memory, visual_memory=cfg.visual_memory, query_memory=cfg.query_memory,
                        memory_length=hp["memory_length"], max_frames=max(hp["num_frames"], 1),
                        frame_position_init=hp["frame_position_init"], loss_reduction=hp["loss_reduction"],
@@ -157,11 +166,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def train_loop(loop_cfg: dict) -> None:
     """Ray Train worker: one process of the data-parallel group."""
-    import ray.train
+    import ray.train  # heavy (ray, torch, the model package): imported in the worker
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.data import SampleDataset, collate
     from pipeline.model.checkpoint import load_malmm
     from pipeline.model.modeling_malmm import MALMMConfig
 
@@ -200,7 +208,7 @@ def train_loop(loop_cfg: dict) -> None:
     log_rows: list[dict] = []
     resume = loop_cfg.get("resume_from")
     if resume:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy: imported on use
         model.load_state_dict(load_file(str(Path(resume) / "trainable.safetensors")), strict=False)
         optimizer.load_state_dict(torch.load(Path(resume) / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(Path(resume) / "scheduler.pt", weights_only=True))
@@ -209,7 +217,6 @@ def train_loop(loop_cfg: dict) -> None:
             torch.set_rng_state(torch.load(rng, weights_only=True))
         state = json.loads((Path(resume) / "state.json").read_text())
         if (run_dir / "metrics.parquet").exists():
-            import pandas as pd
             log = pd.read_parquet(run_dir / "metrics.parquet")
             log_rows = log[log.global_step <= state["global_step"]].to_dict("records")
 
@@ -246,7 +253,7 @@ def train_loop(loop_cfg: dict) -> None:
             state["step_in_epoch"] = step_in_epoch + 1
             step_loss = accum_loss / micro
             if world > 1:  # log the global batch's loss (mean of the ranks' means), not rank 0's half
-                import torch.distributed as dist
+                import torch.distributed as dist  # heavy: imported on use
                 t = torch.tensor([step_loss], dtype=torch.float64)
                 dist.all_reduce(t)
                 step_loss = float(t[0]) / world
@@ -263,7 +270,7 @@ def train_loop(loop_cfg: dict) -> None:
                 _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows,
                             num_frames=hp["num_frames"])
             if loop_cfg.get("stop_after_step") and state["global_step"] >= loop_cfg["stop_after_step"]:
-                return  # test hook: simulate a crash right after a step
+                return  # `run(stop_after_step=…)`: end here as a killed run would
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         val = None
         if rank == 0 and cfg.validate and loop_cfg.get("val_samples"):
@@ -287,8 +294,7 @@ def train_loop(loop_cfg: dict) -> None:
 
 def _quiet_ray_train_worker() -> None:
     """Ray Train V2 logs every ``ray.train.report`` call at INFO under a logger named by its file path."""
-    import logging
-    try:
+    try:  # optional: Ray Train V2's private module, absent from other Ray versions
         from ray.train.v2._internal.execution import context
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
@@ -297,7 +303,6 @@ def _quiet_ray_train_worker() -> None:
 
 def llm_digest(model) -> str:
     """SHA-256 over the frozen LLM's parameters and buffers (names and bytes)."""
-    import hashlib
     h = hashlib.sha256()
     for name, t in list(model.llm.named_parameters()) + list(model.llm.named_buffers()):
         h.update(name.encode())
@@ -313,7 +318,7 @@ def _write_progress(run_dir: Path, row: dict) -> None:
 def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, world: int, cfg: TrainConfig,
                 log_rows: list[dict], epoch_end: bool = False, num_frames: int | None = None) -> None:
     """Write a checkpoint folder atomically (rank 0: weights, optimiser, scheduler, state, log; every rank: RNG)."""
-    import torch
+    import torch  # heavy (torch, the model package): imported on use
     import torch.distributed as dist
 
     from pipeline.model.checkpoint import save_checkpoint
@@ -355,15 +360,11 @@ def _prune(ckpts: Path, keep_last: int, best: dict | None) -> None:
 
 def _validate(model, samples, cfg: TrainConfig, hp: dict, device) -> dict:
     """Score the val split with the same generation and scoring path as `infer` / `report`."""
-    from stages.infer import predict_samples
-    from pipeline.metrics import score
-    import pandas as pd
-
     preds = predict_samples(model, samples, cfg.features, hp["num_frames"], batch_size=hp["batch_size"],
                             device=device)
     out = {}
     for (b, t), df in pd.DataFrame(preds).groupby(["benchmark", "task"]):
-        for m in score(protocol(b, t), df, n_boot=0):
+        for m in metrics.score(protocol(b, t), df, n_boot=0):
             out.setdefault(m["metric"], []).append(m["value"])
     return {k: float(np.mean(v)) for k, v in out.items()}
 
@@ -405,6 +406,8 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
     """Train (or resume) one run; returns its folder, final metrics and checkpoint.
 
     ``threads``: torch threads of each worker (default: the machine's CPUs over the workers).
+    ``stop_after_step``: the workers end right after that optimiser step, without the epoch-end
+    checkpoint, as a killed run would (the resume tests inject it); None trains to the end.
     ``progress_desc`` / ``progress_position``: the progress bar's label and line, so that runs
     trained at the same time from one driver (the demo's variants) each keep their own bar.
 
@@ -423,12 +426,9 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
 
 def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None, threads: int | None,
          progress_desc: str, progress_position: int | None) -> dict:
-    import ray.train
+    import ray.train  # heavy: imported on use (keeps the CLI's start-up fast)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipeline.defaults import resolve_model_dir
-    from pipeline.runtime import init_ray
 
     hp = p["hp"]
     run_dir = Path(cfg.out)
@@ -483,10 +483,6 @@ def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None,
 def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool, desc: str = "train",
                        position: int | None = None):
     """Run ``trainer.fit()`` while a tqdm bar follows the ``progress.json`` that rank 0 writes each step."""
-    import threading
-
-    from tqdm import tqdm
-
     box: dict = {}
 
     def fit():

@@ -17,15 +17,18 @@ def malmm_home(tmp_path_factory):
     """Every test session builds its own tiny default model (never the user's cache)."""
     home = os.environ.get("MALMM_TEST_HOME") or str(tmp_path_factory.mktemp("malmm_home"))
     os.environ["MALMM_HOME"] = home
-    os.environ.setdefault("MALMM_TINY_PRETRAIN_STEPS", "300")
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     yield Path(home)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(malmm_home):
+    """The tiny default, built (when the cache lacks it) with a short pretraining: 300 LLM steps.
+
+    Every test that needs the default model takes this fixture, so the session builds it here,
+    before any stage (in this process or a subprocess) looks for it."""
     from pipeline.defaults import ensure_tiny_default
-    return ensure_tiny_default(quiet=True)
+    return ensure_tiny_default(pretrain_steps=300, quiet=True)
 
 
 @pytest.fixture(scope="session")

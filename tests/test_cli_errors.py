@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
 
 
 def test_through_the_real_entry_point(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "synth", "--out", str(tmp_path / "s"), "--seconds", "8"],
+    r = subprocess.run([sys.executable, "-m", "stages", "synth", "--out", str(tmp_path / "s"), "--seconds", "8"],
                        capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "MALMM_RAY_RECORDS": str(tmp_path / "r")})
     assert r.returncode == 2

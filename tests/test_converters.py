@@ -607,7 +607,7 @@ def test_unknown_benchmark_split_and_folders(tmp_path):
 def test_cli_manifest_command(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     ann = lvu_files(tmp_path / "ann")
     out = tmp_path / "lvu.csv"

@@ -71,15 +71,17 @@ def test_features_are_pre_layernorm_hidden_states(features_small, tiny_model):
     import torch
 
     from pipeline.decode import read_frames
+    from pipeline.manifest import resolve_video
     from pipeline.model.checkpoint import load_vision_model
+    from pipeline.vision import CLIP_MEAN, CLIP_STD
 
     key, sample = next(iter_shard(sorted(features_small.glob("shard-*.tar"))[0]))
     meta = sample["meta"]
-    video = Path(extract.resolve_video(meta["video"], str(_synth_root(features_small))))
+    video = Path(resolve_video(meta["video"], str(_synth_root(features_small))))
     frames = read_frames(str(video), sample["frame_indices"], size=(meta["image_size"],) * 2).frames
     model = load_vision_model(str(tiny_model)).eval()
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(extract.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(extract.CLIP_STD).view(1, 3, 1, 1)
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         out = model(pixel_values=x, output_hidden_states=True)
     ref = out.hidden_states[-1].numpy()
@@ -134,12 +136,12 @@ def test_cli_strict_and_summary(tmp_path, synth_small, tiny_model):
     m.write_text("sample_id,benchmark,task,split,video,answer\n"
                  f"a,synthetic,first_color,train,{good},red\nb,synthetic,first_color,train,missing.mp4,red\n")
     env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out",
+    r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", str(m), "--out",
                         str(tmp_path / "f"), "--allow-outside-root"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "1 ok, 1 failed" in r.stdout and "missing=1" in r.stdout
     assert "line 3 (row 2): video file not found" in r.stderr  # reported at plan time, before the run
-    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out",
+    r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", str(m), "--out",
                         str(tmp_path / "f"), "--strict", "--allow-outside-root"], capture_output=True, text=True,
                        env=env, cwd=ROOT)
     assert r.returncode == 1 and "0 videos processed" in r.stdout
@@ -149,7 +151,7 @@ def test_cli_strict_and_summary(tmp_path, synth_small, tiny_model):
 def test_kill_and_resume_is_byte_identical(tmp_path, synth_small, features_small, tiny_model):
     """kill -9 in the middle of a run, re-run: the same shard bytes as the uninterrupted run."""
     out = tmp_path / "feat"
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--manifest", str(synth_small / "manifest.csv"),
+    cmd = [sys.executable, "-m", "stages", "extract", "--manifest", str(synth_small / "manifest.csv"),
            "--out", str(out), "--shard-size", "8"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     # every process of this run slows each video's decoding by 0.5 s (tests/hooks/slow_decode/sitecustomize.py)

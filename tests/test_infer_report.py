@@ -292,7 +292,7 @@ def test_report_ek100_subset_recalls_reach_the_leaderboard(tmp_path):
 def test_cli_report_answer_rule_option(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     run = _hand_run(tmp_path, "r", MESSY, label="messy")
     res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep"), "--n-boot", "0",

@@ -420,7 +420,7 @@ def test_extract_train_infer_refuse_a_locked_folder(tmp_path, synth_small, featu
         # a dry run writes nothing, so it does not need the lock
         assert extract.run(ExtractConfig(manifest=manifest, out=str(out), dry_run=True), progress=False).units > 0
         # the command line: exit 1 with the message
-        r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", manifest, "--out", str(out)],
+        r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", manifest, "--out", str(out)],
                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
         assert r.returncode == 1 and f"pid {p.pid}" in r.stderr and LOCK_NAME in r.stderr, r.stderr[-2000:]
 

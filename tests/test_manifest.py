@@ -65,7 +65,7 @@ def test_absolute_and_uri_paths_allowed(tmp_path):
 def test_cli_exits_2_and_runs_nothing(tmp_path):
     p = write(tmp_path, "a,lvu,genre,train,../x.mp4,comedy,,,\n")
     out = tmp_path / "feat"
-    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(p), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", str(p), "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "escapes the video root" in r.stderr
@@ -131,7 +131,7 @@ def test_extract_refuses_paths_outside_the_root_unless_allowed(tmp_path):
     m.write_text("sample_id,benchmark,task,split,video,answer\n"
                  f"a,coin,,train,in.mp4,y\nb,coin,,train,{other},y\nc,coin,,train,file://{other},y\n")
     out = tmp_path / "feat"
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out", str(out), "--dry-run"]
+    cmd = [sys.executable, "-m", "stages", "extract", "--manifest", str(m), "--out", str(out), "--dry-run"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "line 3 (row 2)" in r.stderr and "line 4 (row 3)" in r.stderr and "outside the video root" in r.stderr
@@ -152,7 +152,7 @@ def test_missing_videos_are_listed_at_plan_time_by_a_dry_run(tmp_path):
     m = write(tmp_path, "a,coin,,train,here.mp4,y,,,\nb,coin,,train,gone1.mp4,y,,,\nc,coin,,test,here.mp4,z,,,\n"
                         "d,coin,,test,sub/gone2.mp4,z,,,\ne,coin,,val,gone1.mp4,z,,,\n")
     out = tmp_path / "feat"
-    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", str(m), "--out", str(out),
                         "--dry-run"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "2 of 3 video file(s) to process not found (3 manifest row(s))" in r.stderr
@@ -166,7 +166,7 @@ def test_missing_videos_are_listed_at_plan_time_by_a_dry_run(tmp_path):
 def test_every_video_missing_is_refused_before_anything_runs(tmp_path):
     m = write(tmp_path, "a,coin,,train,gone1.mp4,y,,,\nb,coin,,train,gone2.mp4,y,,,\n")
     out = tmp_path / "feat"
-    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(m), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", str(m), "--out", str(out)],
                        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     assert r.returncode == 2, r.stderr
     assert "line 2 (row 1): video file not found" in r.stderr and "line 3 (row 2)" in r.stderr
@@ -194,7 +194,7 @@ def test_non_utf8_manifest_names_the_lines_and_the_fix(tmp_path):
     assert probs[0] == f"line 2: not UTF-8 at byte offset {offset} (byte 0xe9 in 'a,coin,,train,Caf\ufffd.mp4,y,,,')"
     assert probs[1].startswith("line 4: not UTF-8 at byte offset")
     assert len(probs) == 3 and "iconv -f latin1 -t utf-8 m.csv > m.utf8.csv" in probs[2]
-    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--manifest", str(p), "--dry-run"],
+    r = subprocess.run([sys.executable, "-m", "stages", "extract", "--manifest", str(p), "--dry-run"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "line 2: not UTF-8" in r.stderr and "iconv" in r.stderr
     assert "Traceback" not in r.stderr

@@ -119,7 +119,7 @@ def test_any_command_reaps_and_a_live_drivers_processes_are_protected(tmp_path, 
     from typer.testing import CliRunner
 
     from pipeline import runtime
-    from pipeline.cli import app
+    from stages.cli import app
 
     records = tmp_path / "records"
     records.mkdir()

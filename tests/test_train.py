@@ -153,7 +153,7 @@ def test_lr_schedule_and_param_groups(tiny_model):
 def test_lvu_window_picks_cached_frames():
     """LVU samples read their 100 s window out of the video's cached 1 fps frames."""
     from pipeline.data import Sample, SampleDataset, select_frames
-    from stages.extract import sample_policy, unit_clip, unit_key
+    from pipeline.units import sample_policy, unit_clip, unit_key
 
     row = {"start_sec": 100.0, "end_sec": 200.0}
     assert unit_clip(row, "lvu", "director") == (None, None)  # the whole video is the unit

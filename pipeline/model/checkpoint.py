@@ -29,6 +29,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from pipeline.model.modeling_malmm import LAVIS_LN_VISION_EPS, MALMM, MALMMConfig
 
@@ -50,7 +52,7 @@ _BASE_PREFIXES = {
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' load reports and progress bars (unexpected keys are expected here)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: transformers, imported on use
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -87,7 +89,6 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
 
 def _file_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     return list(torch.load(path, map_location="meta", weights_only=True, mmap=True).keys())
@@ -95,8 +96,6 @@ def _file_keys(path: Path) -> list[str]:
 
 def read_tensors(model_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Read only the tensors whose names start with one of ``prefixes`` (safetensors: lazily, by name)."""
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for name, file in _weight_files(Path(model_dir)).items():
         if name.startswith(prefixes):
@@ -144,7 +143,7 @@ def load_vision_model(model_dir: str | Path, dtype: torch.dtype | None = None):
     weights (the checkpoint's names carry a ``vision_model.`` prefix); here the prefix is mapped
     explicitly and any missing weight is an error.
     """
-    from transformers import InstructBlipConfig, InstructBlipVisionModel
+    from transformers import InstructBlipConfig, InstructBlipVisionModel  # heavy: imported on use
 
     model_dir = Path(model_dir)
     model_type = _model_config(model_dir).get("model_type")
@@ -169,7 +168,7 @@ def load_vision_model(model_dir: str | Path, dtype: torch.dtype | None = None):
 
 def _load_llm(model_dir: Path, text_config, dtype: torch.dtype):
     """The frozen LLM (``AutoModelForCausalLM``) from the checkpoint's ``language_model.*`` tensors."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: imported on use
 
     with _quiet_transformers():
         llm, info = AutoModelForCausalLM.from_pretrained(
@@ -198,7 +197,7 @@ def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpo
     Returns:
         a :class:`MALMM` in eval mode on the CPU (``.to(device)`` it).
     """
-    from transformers import AutoTokenizer, InstructBlipConfig
+    from transformers import AutoTokenizer, InstructBlipConfig  # heavy: imported on use
 
     model_dir = Path(model_dir)
     if config is None and checkpoint is not None:
@@ -314,8 +313,6 @@ def save_checkpoint(model: MALMM, out_dir: str | Path, *, num_frames: int | None
 
     ``num_frames``: the frames per sample T the weights were trained with, recorded so that a checkpoint
     folder copied on its own still runs with its T in ``infer``."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
@@ -461,8 +458,6 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
     ``model.config.ln_vision_eps`` is set; the memory settings a ``.pth`` records are applied by
     :func:`load_malmm` (or :func:`malmm_config_from_lavis`), not here.
     """
-    from safetensors.torch import load_file
-
     path = Path(checkpoint)
     if path.is_dir():
         if not (path / CHECKPOINT_WEIGHTS).exists():

@@ -720,7 +720,7 @@ class MALMM(nn.Module):
             ``return_num_tokens`` also, per sample and beam, the number of generated tokens
             (eos and padding excluded).
         """
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # heavy: imported on use
 
         video = self.encode_video(features, prompts, first_frame)
         B, Nq = video.shape[:2]

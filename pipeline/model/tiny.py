@@ -36,7 +36,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from pipeline.model.checkpoint import _quiet_transformers, hf_to_malmm_keys
+from pipeline.model.modeling_malmm import MALMM, MALMMConfig
+from pipeline.vision import pixel_values, pre_layernorm_features
 
 LLM_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 #: in a corpus text, ``context <s> text``: the context stands where MA-LMM puts its video tokens
@@ -76,7 +81,7 @@ def sample_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 
 def _pre_tokenize(text: str) -> list[str]:
-    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers import normalizers, pre_tokenizers  # heavy: imported on use
     norm = normalizers.Lowercase().normalize_str(text.replace(CONTEXT_MARK, " "))
     return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(norm)]
 
@@ -92,7 +97,7 @@ def build_vocabulary(corpus: list[str], extra_words=()) -> list[str]:
 
 def _word_tokenizer(words: list[str], specials: list[str], template: tuple[str, ...], **special_roles):
     """A ``PreTrainedTokenizerFast`` over a word-level ``tokenizers.Tokenizer``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # heavy: on use
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(specials)}
@@ -122,8 +127,8 @@ def build_tokenizers(corpus: list[str], extra_words=()):
 def tiny_config(llm_vocab: int, qformer_vocab: int, *, image_size=64, patch_size=16, vision_hidden=64,
                 vision_layers=2, qformer_hidden=64, qformer_layers=4, num_query_tokens=32, llm_hidden=128,
                 llm_layers=2, llm_heads=4, image_token_index=4):
-    from transformers import (InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig,
-                              LlamaConfig)
+    from transformers import (InstructBlipConfig, InstructBlipQFormerConfig,  # heavy: imported on use
+                              InstructBlipVisionConfig, LlamaConfig)
 
     vision = InstructBlipVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
                                       num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
@@ -264,12 +269,6 @@ def pretrain_qformer(model, llm_tok, qformer_tok, frames, pairs: list[tuple[str,
     the demo's features: first colour 94 % after 300 steps with, 84 % without; qa 51 % against
     47 % after 900; next event 22 % either way).
     """
-    import numpy as np
-
-    from pipeline.model.checkpoint import hf_to_malmm_keys
-    from pipeline.model.modeling_malmm import MALMM, MALMMConfig
-    from stages.extract import pixel_values, pre_layernorm_features
-
     with torch.no_grad():  # the frozen ViT runs once over all frames
         x = pixel_values(torch.from_numpy(np.ascontiguousarray(frames)))
         feats = torch.cat([pre_layernorm_features(model.vision_model, x[i:i + 256]) for i in range(0, len(x), 256)])
@@ -346,10 +345,8 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
     in the root, Q-Former tokenizer in ``qformer_tokenizer/``, image processor) and
     ``tiny_info.json`` (seed, steps, LM loss before / after pretraining, time).
     """
-    import transformers
+    import transformers  # heavy: the transformers model classes, imported on use
     from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
-
-    from pipeline.model.checkpoint import _quiet_transformers
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

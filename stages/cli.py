@@ -13,15 +13,26 @@ command runs, the Ray processes left by earlier commands that were killed are re
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import typer
 
+from pipeline import converters
+from pipeline import synth as synth_mod
 from pipeline.config import ExtractConfig, InferConfig, ReportConfig, TrainConfig, resolve
 from pipeline.manifest import ManifestError
+from pipeline.metrics import answer_rule as get_rule
+from pipeline.runtime import reap_orphans
+from stages import demo as demo_stage
+from stages import extract as extract_stage
+from stages import infer as infer_stage
+from stages import report as report_stage
+from stages import train as train_stage
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 # click's UsageError (a bad or missing option value), whether typer vendors click or uses it
@@ -30,7 +41,6 @@ _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Usag
 
 class _Commands(typer.core.TyperGroup):
     """The command group: turns a command's expected errors into one red line and exit status 2."""
-
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -70,8 +80,6 @@ def _fail(message: str, code: int = 2):
 
 @app.callback()
 def _before_every_command():
-    from pipeline.runtime import reap_orphans
-
     reap_orphans()
 
 
@@ -84,8 +92,6 @@ def synth(
     workers: int = typer.Option(2, "--workers", help="Processes used to encode videos."),
 ):
     """Generate the built-in synthetic long-video benchmark (real H.264 files + manifest)."""
-    from pipeline import synth as synth_mod
-
     kwargs = {"videos": videos, "seed": seed, "workers": workers}
     if seconds is not None:
         k, fps = synth_mod.DEFAULT_EVENTS[1], synth_mod.DEFAULT_FPS
@@ -125,8 +131,6 @@ def extract(
     Resumable: re-running redoes only unfinished work; a finished run re-run decodes nothing.
     Exits 2 on an invalid manifest, 1 when nothing succeeded (or any failure with --strict).
     """
-    from stages import extract as stage
-
     cfg = resolve(ExtractConfig, "extract", config, manifest=manifest, video_root=video_root,
                   allow_outside_root=allow_outside_root, out=out, model=model,
                   sampling=sampling, shard_size=shard_size, batch_size=batch_size, vision_workers=vision_workers,
@@ -134,7 +138,7 @@ def extract(
                   retry_failed=retry_failed, dry_run=dry_run, address=address)
     if not cfg.manifest:
         _fail("error: --manifest is required (or set manifest in the [extract] table of --config)")
-    res = stage.run(cfg)  # expected errors: exit 2 (see the module docstring)
+    res = extract_stage.run(cfg)  # expected errors: exit 2 (see the module docstring)
     if cfg.dry_run:
         return
     typer.echo(f"extract: {res.ok} ok, {res.failed} failed of {res.units} units in {res.shards} shard(s) "
@@ -158,8 +162,6 @@ def manifest(
     anticipation_sec: float = typer.Option(1.0, "--anticipation-sec", help="EPIC-Kitchens-100: τa, the gap between the observed clip and the action's start."),
 ):
     """Convert a benchmark's published annotations into a manifest CSV (next: `extract --manifest`)."""
-    from pipeline import converters
-
     try:
         res = converters.convert(benchmark, annotations, videos, split=split,
                                  out=out or Path("manifests") / f"{benchmark}.csv",
@@ -202,8 +204,6 @@ def train(
     config: Optional[Path] = ConfigOpt,
 ):
     """Train MA-LMM's memory Q-Former (and projection, ln_vision, frame PE) from cached features on Ray Train."""
-    from stages import train as stage
-
     cfg = resolve(TrainConfig, "train", config, features=features, manifest=manifest, benchmark=benchmark, task=task,
                   out=out, model=model, memory=memory, visual_memory=visual_memory, query_memory=query_memory,
                   aggregation=aggregation, num_frames=num_frames, memory_length=memory_length,
@@ -211,8 +211,8 @@ def train(
                   num_workers=num_workers, use_gpu=use_gpu, checkpoint_every=checkpoint_every, keep_last=keep_last,
                   validate=validate, resume=resume, dry_run=dry_run, address=address)
     try:
-        res = stage.run(cfg)
-    except (stage.TrainInputError, ManifestError) as e:
+        res = train_stage.run(cfg)
+    except (train_stage.TrainInputError, ManifestError) as e:
         _fail(f"error: {e}")
     if not cfg.dry_run:
         typer.echo(f"train: done → {res['checkpoint']}")
@@ -246,14 +246,12 @@ def infer(
     records (a training run: what it was trained with; a LAVIS .pth: its saved memory_bank_length and
     num_frames), else each benchmark's protocol. infer.json and each prediction row record what was used.
     """
-    from stages import infer as stage
-
     cfg = resolve(InferConfig, "infer", config, checkpoint=checkpoint, features=features, manifest=manifest,
                   split=split, benchmark=benchmark, task=task, out=out, label=label, model=model,
                   num_frames=num_frames, memory_length=memory_length, memory=memory, batch_size=batch_size,
                   workers=workers, num_gpus=num_gpus, dry_run=dry_run, address=address)
     try:
-        res = stage.run(cfg, trust_pickle=trust_pickle)
+        res = infer_stage.run(cfg, trust_pickle=trust_pickle)
     except (ManifestError, ValueError, FileNotFoundError, PermissionError) as e:
         _fail(f"error: {e}")
     typer.echo(f"infer: {res}")
@@ -271,9 +269,6 @@ def report(
     config: Optional[Path] = ConfigOpt,
 ):
     """Score cached predictions (no model call) and write the leaderboard beside the paper's numbers."""
-    from pipeline.metrics import answer_rule as get_rule
-    from stages import report as stage
-
     cfg = resolve(ReportConfig, "report", config, runs=runs or None, out=out, n_boot=n_boot, answer_rule=answer_rule)
     if not cfg.runs:
         _fail("error: give at least one run folder (e.g. `malmm-pipeline report work/runs/infer`)")
@@ -282,8 +277,8 @@ def report(
     except KeyError as e:
         _fail(f"error: --answer-rule: {e.args[0]}")
     try:
-        res = stage.run(cfg.runs, cfg.out, cfg.n_boot, answer_rule=cfg.answer_rule)
-    except (FileNotFoundError, stage.DuplicateRunLabel) as e:
+        res = report_stage.run(cfg.runs, cfg.out, cfg.n_boot, answer_rule=cfg.answer_rule)
+    except (FileNotFoundError, report_stage.DuplicateRunLabel) as e:
         _fail(f"error: {e}")
     typer.echo("report: wrote " + ", ".join(res["files"]))
 
@@ -297,19 +292,13 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A small, fast version of the chain (what CI runs)."),
 ):
     """The whole chain on the built-in synthetic benchmark: synth → extract → train (MBC, FIFO, no memory) → infer → report."""
-    from stages import demo as stage
-
-    res = stage.run(out, videos=videos, epochs=epochs, seed=seed, quick=quick)
+    res = demo_stage.run(out, videos=videos, epochs=epochs, seed=seed, quick=quick)
     typer.echo(f"demo: leaderboard → {res['leaderboard']}")
 
 
 @app.command()
 def status(path: Path = typer.Argument(..., help="A features folder (from extract) or a run folder.")):
     """Summarise a features folder or a run: shards, ok / failed units by reason, what is left."""
-    import json
-
-    import pandas as pd
-
     if (path / "ledger.parquet").exists():
         ledger = pd.read_parquet(path / "ledger.parquet")
         shards = sorted(path.glob("shard-*.tar"))
