@@ -32,17 +32,23 @@ def adamw(params, lr: float, *, betas: tuple[float, float] = BETAS, weight_decay
     return torch.optim.AdamW(params, lr=lr, betas=betas, fused=fused, **kw)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+def lr_lambda(warmup: int, total: int, *, clamp: bool = True):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``.
+
+    ``clamp=False`` is the tiny default's pretraining arithmetic (the angle computed as
+    ``pi * (step - warmup) / (total - warmup)``, not clamped at ``total``): the same schedule up
+    to the last bit of rounding, kept so that the tiny build stays byte-identical."""
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
+        if not clamp:
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
 
 
-def warmup_cosine(optimizer, warmup: int, total: int):
+def warmup_cosine(optimizer, warmup: int, total: int, *, clamp: bool = True):
     """The `lr_lambda` schedule as a ``LambdaLR`` on ``optimizer``."""
     import torch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, clamp=clamp))

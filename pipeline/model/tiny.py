@@ -211,7 +211,7 @@ def lm_loss(llm, tokenizer, texts: list[str], batch_size: int = 64, context_toke
 
 def _warmup_cosine(optimizer, steps: int):
     """The shared warm-up/cosine schedule (`pipeline.optim`) with a warm-up of 5 % of ``steps``."""
-    return warmup_cosine(optimizer, max(1, steps // 20), steps)
+    return warmup_cosine(optimizer, max(1, steps // 20), steps, clamp=False)
 
 
 def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, batch_size: int = 32,
