@@ -1,4 +1,4 @@
-"""Benchmark registry: every benchmark's protocol declared in one place (DESIGN §5).
+"""Benchmark registry: every benchmark's protocol declared in one place.
 
 A :class:`Protocol` says, for one (benchmark, task): the prompt, how many frames the
 model sees and from which cached sampling, the memory length, the generation
@@ -21,7 +21,7 @@ SYNTHETIC_TASKS = ("first_color", "qa", "caption", "next_event")
 
 @dataclass(frozen=True)
 class Generation:
-    """Beam-search settings (DESIGN §5: 5 beams, repetition penalty 1.5, no sampling)."""
+    """Beam-search settings (the reference's: 5 beams, repetition penalty 1.5, no sampling)."""
     num_beams: int = 5
     num_return_sequences: int = 5
     max_new_tokens: int = 10
@@ -104,7 +104,7 @@ def _declare() -> dict[tuple[str, str], Protocol]:
         p["ek100", t] = Protocol("ek100", t, "anticipation", ek_prompts[t], SamplingPolicy("uniform", 32), 32, 16,
                                  _CLS_GEN(10), "exact", EK_METRICS, epochs=10,
                                  paper={"top5_acc": ek_paper[t][0], "top5_recall": ek_paper[t][1]})
-    # The built-in synthetic benchmark (DESIGN §6); its question column holds the full question.
+    # The built-in synthetic benchmark; its question column holds the full question.
     # T = 12 frames (2-3 per event), L = 8: a FIFO bank then holds only the last two thirds of a
     # video, so the first event (the first 1/6 to 1/4) is gone; MBC must compress 12 frames into 8.
     # No repetition penalty: the answers repeat words by design (the final event repeats the second).

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from pipeline import layout, storage
 from pipeline.benchmarks import Protocol, protocol
 from pipeline.manifest import Manifest
 from pipeline.sampling import segment_indices
@@ -39,7 +39,7 @@ class FeatureStore:
     def __init__(self, features_dir: str | Path):
         self.dir = Path(features_dir)
         self.index = load_index(self.dir)
-        self.plan = json.loads((self.dir / "extract.json").read_text()) if (self.dir / "extract.json").exists() else {}
+        self.plan = storage.read_json(layout.plan_path(self.dir), {}, missing_ok=True)
         self._offsets: dict[str, dict[str, tuple[str, int, int]]] | None = None
         self._sums: dict[str, dict | None] = {}
 
@@ -49,13 +49,13 @@ class FeatureStore:
             offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
             for shard in sorted(set(self.index.shard_file.dropna())):
                 if not re.fullmatch(r"shard-\d+\.tar", str(shard)):  # never a path out of the folder
-                    raise MalformedShardError(self.dir / "index.parquet", None, None,
+                    raise MalformedShardError(layout.index_path(self.dir), None, None,
                                               f"names a shard file {shard!r}, not shard-NNNNNN.tar in {self.dir}")
                 path = self.dir / shard
-                if not path.exists():
+                if not storage.exists(path):
                     continue
                 try:
-                    tar = tarfile.open(path, "r")
+                    tar = tarfile.open(storage.local_path(path), "r")
                 except (tarfile.TarError, OSError, EOFError) as e:
                     raise MalformedShardError(path, None, None,
                                               f"not a readable tar ({type(e).__name__}: {e})") from None
@@ -105,9 +105,7 @@ class FeatureStore:
         shard = next(iter(entries.values()))[0]
         members = {}
         for ext, (path, off, size) in entries.items():
-            with open(path, "rb") as f:
-                f.seek(off)
-                data = f.read(size)
+            data = storage.read_range(path, off, size)
             if len(data) != size:
                 raise CorruptSampleError(path, key, f"{key}.{ext}", f"truncated ({len(data)} of {size} bytes)")
             members[ext] = data
@@ -158,9 +156,9 @@ def join_samples(manifest: Manifest, store: FeatureStore, *, split: str | None, 
     if "reason" in store.index.columns:
         reasons = dict(zip(store.index.key, store.index.reason))
     else:
-        ledger_path = store.dir / "ledger.parquet"
-        if ledger_path.exists():
-            led = pd.read_parquet(ledger_path, columns=["key", "reason"])
+        ledger_path = layout.ledger_path(store.dir)
+        if storage.exists(ledger_path):
+            led = storage.read_parquet(ledger_path, columns=["key", "reason"])
             reasons = dict(zip(led.key, led.reason))
     samples, missing = [], {}
     override = store.plan.get("sampling")

@@ -5,6 +5,7 @@ import fcntl
 from pathlib import Path
 
 from pipeline.benchmarks import protocol
+from pipeline import storage
 from pipeline.config import malmm_home
 from pipeline.synth import frame_corpus, lm_corpus
 
@@ -24,12 +25,13 @@ def ensure_tiny_default(*, pretrain_steps: int | None = None, quiet: bool = Fals
     The build is guarded by a file lock so concurrent stages build it once.
     """
     target = tiny_dir()
-    if (target / "config.json").exists():
+    if storage.exists(target / "config.json"):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(target.parent)
+    # flock needs a real local file: the build lock stays off the storage layer (the build's writes go through it)
     with open(target.parent / f".{TINY_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
+        if not storage.exists(target / "config.json"):
             from pipeline.model.tiny import build_tiny_instructblip  # heavy (torch, transformers): on use
             steps = pretrain_steps or None
             if not quiet:
@@ -50,7 +52,7 @@ def resolve_model_dir(model: str) -> Path:
     if model in ("tiny", "", None):
         return ensure_tiny_default()
     path = Path(model).expanduser()
-    if not (path / "config.json").exists():
+    if not storage.exists(path / "config.json"):
         raise FileNotFoundError(
             f"model directory {path} has no config.json; pass a local InstructBLIP directory saved with "
             f"save_pretrained (e.g. a copy of Salesforce/instructblip-vicuna-7b) or 'tiny'")

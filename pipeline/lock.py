@@ -26,7 +26,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-LOCK_NAME = "malmm.lock"
+from pipeline import layout
+
+LOCK_NAME = layout.LOCK_NAME  # flock needs a real local file: this module stays off the storage layer
 
 
 class OutputLockedError(SystemExit):

@@ -19,7 +19,6 @@ See the README's architecture section.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import re
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline import storage  # the cluster records; /proc is read directly (process state, not outputs)
 
 RECORDS_ENV = "MALMM_RAY_RECORDS"
 
@@ -114,9 +115,7 @@ def _alive(proc: dict) -> bool:
 
 
 def _write(path: Path, rec: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, path)
+    storage.write_json(path, rec, raw=True, mode=storage.UMASK, indent=1)
 
 
 def begin_record() -> Path | None:
@@ -127,7 +126,7 @@ def begin_record() -> Path | None:
     tag = f"{me['pid']}-{me['start']}-{time.time_ns()}"
     os.environ[RUN_ENV] = tag
     d = records_dir()
-    d.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(d)
     path = d / f"{tag}.json"
     _write(path, {"driver": me, "host": socket.gethostname(), "tag": tag, "session_dir": None, "raylet": None,
                   "processes": [], "recorded_at": time.time()})
@@ -143,7 +142,7 @@ def _forget(path: Path) -> None:
         import ray  # heavy: imported on use
         if ray.is_initialized():
             ray.shutdown()
-        procs = json.loads(path.read_text())["processes"]
+        procs = storage.read_json(path)["processes"]
     except Exception:  # at exit: never in the way
         return
     deadline = time.monotonic() + 2.0
@@ -151,7 +150,7 @@ def _forget(path: Path) -> None:
         if time.monotonic() > deadline:
             return
         time.sleep(0.05)
-    path.unlink(missing_ok=True)
+    storage.remove(path)
 
 
 def record_session(path: Path) -> None:
@@ -168,9 +167,9 @@ def record_session(path: Path) -> None:
     procs = [{"pid": pid, "start": _start_time(pid), "kind": kind} for kind, pids in started.items() for pid in pids]
     procs = [p for p in procs if p["start"] is not None]
     if not procs:
-        path.unlink(missing_ok=True)  # not ours to reap
+        storage.remove(path)  # not ours to reap
         return
-    rec = json.loads(path.read_text())
+    rec = storage.read_json(path)
     rec.update(session_dir=session_dir, processes=procs,
                raylet=next((p for p in procs if p["kind"] == "raylet"), None))
     _write(path, rec)
@@ -269,9 +268,9 @@ def reap_orphans(*, wait_s: float = 5.0) -> list[int]:
         return []
     host = socket.gethostname()
     records = []
-    for path in sorted(d.glob("*.json")):
+    for path in storage.listdir(d, "*.json"):
         try:
-            rec = json.loads(path.read_text())
+            rec = storage.read_json(path)
         except (OSError, ValueError):
             continue  # being written, or not ours
         if rec.get("host") == host and isinstance(rec.get("driver"), dict):
@@ -304,7 +303,7 @@ def reap_orphans(*, wait_s: float = 5.0) -> list[int]:
                 break
         killed += [p["pid"] for p in victims]
         if not any(_alive(p) for p in victims):
-            path.unlink(missing_ok=True)
+            storage.remove(path)
     if killed:
         logging.getLogger(__name__).warning("reaped %d process(es) of Ray sessions whose driver had died",
                                             len(killed))

@@ -1,7 +1,7 @@
 """Frame sampling arithmetic, shared by `extract` (which frames to decode) and by
 `train` / `infer` (which cached frames a sample sees).
 
-Two extraction policies (DESIGN §4):
+Two extraction policies:
 
 * ``uniform:N`` – N frames spread over the clip, one at the middle of each of N
   equal segments (the reference implementation's evaluation rule). Clips shorter
@@ -89,7 +89,7 @@ def frame_indices(policy: SamplingPolicy, num_frames: int, fps: float,
 
 
 def lvu_window_starts(duration_sec: float, window_sec: int = 100, stride_sec: int = 20) -> list[int]:
-    """LVU windows (DESIGN §5): start at 0, 20, 40 … while start + 100 ≤ duration;
+    """LVU windows: start at 0, 20, 40 … while start + 100 ≤ duration;
     a video shorter than one window gives a single window at 0."""
     starts = list(range(0, int(math.floor(duration_sec - window_sec)) + 1, stride_sec)) if duration_sec >= window_sec else []
     return starts or [0]

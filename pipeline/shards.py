@@ -25,19 +25,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-SHARD_PATTERN = "shard-{:06d}.tar"
+from pipeline import layout, storage
+from pipeline.storage import atomic_path, write_json, write_parquet  # noqa: F401  (their home is storage)
+
+SHARD_PATTERN = layout.SHARD_PATTERN
 ARRAY_MEMBERS = ("features.npy", "frame_indices.npy", "timestamps.npy")
 MEMBERS = ARRAY_MEMBERS + ("json",)  # the extensions of one sample, every one required
 
@@ -84,8 +82,7 @@ def checksum(data: bytes) -> str:
 
 def stats_path(shard: str | Path) -> Path:
     shard = Path(shard)
-    return shard.with_name(shard.name[:-len(".tar")] + ".stats.json" if shard.name.endswith(".tar")
-                           else shard.name + ".stats.json")
+    return shard.with_name(layout.stats_name(shard.name))
 
 
 def member_key(shard: str | Path, name: str) -> tuple[str, str]:
@@ -127,10 +124,10 @@ def read_stats_checksums(shard: str | Path) -> dict[str, dict[str, str]] | None:
     """Per-key member checksums from the shard's stats.json; None when it has none (shards written
     before checksums existed, or no stats file)."""
     path = stats_path(shard)
-    if not path.exists():
+    if not storage.exists(path):
         return None
     try:
-        stats = json.loads(path.read_text())
+        stats = storage.read_json(path)
     except (OSError, ValueError) as e:
         raise MalformedShardError(shard, None, None, f"{path.name} is unreadable ({type(e).__name__}: {e})") from None
     sums = stats.get("checksums") if isinstance(stats, dict) else None
@@ -254,34 +251,19 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-@contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> int:
     """Write members to a tar atomically; return its size in bytes."""
-    with atomic_path(path) as tmp:
+    with storage.atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
                 tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-    return Path(path).stat().st_size
+    return storage.size(path)
 
 
 def read_tar_members(path: str | Path) -> list[tuple[str, bytes]]:
     """Every member of a shard (or staged video), names validated (`MalformedShardError`)."""
     try:
-        tar = tarfile.open(path, "r")
+        tar = tarfile.open(storage.local_path(path), "r")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise MalformedShardError(path, None, None, f"not a readable tar ({type(e).__name__}: {e})") from None
     with tar:
@@ -292,17 +274,6 @@ def read_tar_members(path: str | Path) -> list[tuple[str, bytes]]:
                 raise CorruptSampleError(path, key, m.name, f"truncated ({len(data)} of {m.size} bytes)")
             out.append((m.name, data))
         return out
-
-
-def write_json(path: str | Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-
-
-def write_parquet(path: str | Path, rows: list[dict] | pa.Table, schema: pa.Schema | None = None) -> None:
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
-    with atomic_path(path, ".parquet") as tmp:
-        pq.write_table(table, tmp)
 
 
 def read_sample(members: dict[str, bytes]) -> dict:
@@ -337,8 +308,7 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 
 def load_index(features_dir: str | Path):
-    import pandas as pd
-    path = Path(features_dir) / "index.parquet"
-    if not path.exists():
+    path = layout.index_path(features_dir)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: run `malmm-pipeline extract --out {features_dir}` first")
-    return pd.read_parquet(path)
+    return storage.read_parquet(path)

@@ -1,4 +1,4 @@
-"""The built-in synthetic long-video benchmark (DESIGN §6): real H.264 videos whose
+"""The built-in synthetic long-video benchmark: real H.264 videos whose
 questions can only be answered with long-term memory.
 
 Every video is a sequence of K events (K = 4 … 6 by default) of equal length that fill
@@ -14,7 +14,7 @@ Rules of a video (they make the tasks below answerable with memory only):
   position and size drawn afresh). The final event copies the *second* event, not the
   first, so that the first object's colour never appears at the end of the video.
 
-Tasks (one manifest row per video and task; one task of each family of DESIGN §5):
+Tasks (one manifest row per video and task; one task of each benchmark family):
 
 =============  ==============  ===========================================  ===================
 task           family          question (manifest ``question`` column)      answer
@@ -55,7 +55,7 @@ words of :func:`vocabulary`.
 
 Files written by :func:`generate` into ``out_dir``: ``videos/{video_id}.mp4`` (libx264,
 yuv420p, one encoder thread: the same seed gives byte-identical files), ``manifest.csv``
-(DESIGN §4) and ``events.jsonl`` (each video's ground-truth events), each written under
+(the README's data contracts) and ``events.jsonl`` (each video's ground-truth events), each written under
 a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -76,6 +76,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.sampling import SamplingPolicy, frame_indices
+
+from pipeline import storage
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary, questions and prompts
@@ -333,7 +335,7 @@ def _lay_out(evs: list[dict], n_frames: int, fps: float, anticipation_sec: float
 
 
 def samples_of(video: dict) -> list[dict]:
-    """The manifest rows (DESIGN §4) of one planned video, one per task."""
+    """The manifest rows of one planned video, one per task."""
     evs = video["events"]
     rows = []
     for task in TASKS:
@@ -452,31 +454,30 @@ def _encode(path: Path, frames: np.ndarray, fps: float, gop: int) -> int:
     """Write frames as H.264 (libx264, yuv420p, one thread) mp4 to ``path`` atomically; return its size."""
     import av  # heavy: imported on use (only when videos are written)
 
-    tmp = path.with_name(path.name + ".tmp")
-    rate = Fraction(fps).limit_denominator(1001)
-    out = av.open(str(tmp), mode="w", format="mp4")
-    try:
-        stream = out.add_stream("libx264", rate=rate)
-        stream.width = stream.height = frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1
-        # mbtree=0: with macroblock-tree rate control x264 output at these tiny sizes depends on
-        # uninitialised memory (measured: the same frames gave up to 5 different files in 30 runs);
-        # without it the encoder is byte-deterministic. Fixed GOP, no scene-cut keyframes.
-        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:crf=20:mbtree=0"
-        stream.options = {"preset": "fast", "x264-params": params}
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for pkt in stream.encode(frame):
+    with storage.atomic_path(path, ".mp4", mode=storage.UMASK) as tmp:
+        rate = Fraction(fps).limit_denominator(1001)
+        out = av.open(str(tmp), mode="w", format="mp4")
+        try:
+            stream = out.add_stream("libx264", rate=rate)
+            stream.width = stream.height = frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.thread_count = 1
+            # mbtree=0: with macroblock-tree rate control x264 output at these tiny sizes depends on
+            # uninitialised memory (measured: the same frames gave up to 5 different files in 30 runs);
+            # without it the encoder is byte-deterministic. Fixed GOP, no scene-cut keyframes.
+            params = f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:crf=20:mbtree=0"
+            stream.options = {"preset": "fast", "x264-params": params}
+            for i, img in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                frame.pts = i
+                frame.time_base = 1 / rate
+                for pkt in stream.encode(frame):
+                    out.mux(pkt)
+            for pkt in stream.encode(None):
                 out.mux(pkt)
-        for pkt in stream.encode(None):
-            out.mux(pkt)
-    finally:
-        out.close()
-    os.replace(tmp, path)
-    return path.stat().st_size
+        finally:
+            out.close()
+    return storage.size(path)
 
 
 def _write_videos(out_dir: str, videos: list[dict], gop: int) -> list[int]:
@@ -511,9 +512,7 @@ class SynthResult:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    storage.write_text(path, text, encoding="utf-8", mode=storage.UMASK)
 
 
 def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_SECONDS, seed: int = 0,
@@ -535,7 +534,7 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
     out = Path(out_dir)
     planned = plan(videos, seconds=seconds, seed=seed, fps=fps, size=size, test_fraction=test_fraction,
                    events=events, anticipation_sec=anticipation_sec)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out / "videos")
     gop = max(1, int(round(gop_sec * fps)))
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
@@ -575,12 +574,12 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
 
 def read_events(out_dir) -> list[dict]:
     """The ground truth written by :func:`generate` (one dict per video, as :func:`plan` returns)."""
-    with open(Path(out_dir) / "events.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = storage.read_text(Path(out_dir) / "events.jsonl", encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------
-# Text corpus for pretraining the tiny frozen LLM (DESIGN §2)
+# Text corpus for pretraining the tiny frozen LLM
 # ----------------------------------------------------------------------------------------------
 
 def sampled_events(video: dict, task: str, num_frames: int) -> list[dict]:

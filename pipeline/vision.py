@@ -1,14 +1,12 @@
 """The vision front end: CLIP pixel normalisation and the frozen ViT's features before its post layer norm.
 
 Used by `extract` (the feature cache) and by the tiny default's builder (Q-Former image pretraining),
-so both see exactly the same features (DESIGN §2: the cache stores the hidden states *before* the
+so both see exactly the same features (the cache stores the hidden states *before* the
 trainable ``post_layernorm`` / ``ln_vision``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+from pipeline.model.hashing import vision_model_identity
 
 # CLIP normalisation used by InstructBLIP's image processor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,14 +29,6 @@ def pre_layernorm_features(vision_model, pixel_values):
 
 
 def model_identity(model, model_dir: str) -> dict:
-    """Name, config hash and weights hash of the vision model (stored in every sample's metadata)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    cfg = model.config.to_dict()
-    for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-        cfg.pop(k, None)
-    return {"name": Path(model_dir).name, "class": type(model).__name__,
-            "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "weights_sha256": h.hexdigest()[:16]}
+    """Name, config hash and weights hash of the vision model, stored in every sample's metadata
+    (computed by `pipeline.model.hashing`, where every weight hash of the project lives)."""
+    return vision_model_identity(model, model_dir)

@@ -7,7 +7,6 @@ already computed, so a second `demo` re-scores in seconds.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -17,9 +16,9 @@ from typing import Callable
 
 from pipeline import synth
 from pipeline.config import ExtractConfig, InferConfig, TrainConfig
+from pipeline import layout, storage
 from pipeline.defaults import ensure_tiny_default
 from pipeline.runtime import init_ray
-from pipeline.shards import write_json
 from stages import extract, infer, report, train
 
 
@@ -120,16 +119,16 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, seed
     data = out / "synthetic"
     want = {"videos": n_videos, "seconds": size.seconds, "seed": 0}
     stamp = data / "demo.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()) == want):
+    if storage.read_json(stamp, missing_ok=True) != want:
         synth.generate(data, videos=n_videos, seconds=size.seconds, seed=0)
-        write_json(stamp, want)
+        storage.write_json(stamp, want)
     _step("synth", t0)
     manifest = str(data / "manifest.csv")
 
     features = out / "features"
     res = extract.run(ExtractConfig(manifest=manifest, out=str(features)), progress=progress)
     if res.ok == 0:
-        raise RuntimeError(f"extract produced no features (see {features}/ledger.parquet)")
+        raise RuntimeError(f"extract produced no features (see {layout.ledger_path(features)})")
     _step(f"extract ({res.ok} units)", t0)
 
     record = {"extract": {"processed_videos": res.processed_videos, "reused_videos": res.skipped_videos}}
@@ -152,6 +151,6 @@ def run(out: Path, *, videos: int | None = None, epochs: int | None = None, seed
     rdir = report_dir or out / "reports"
     rep = report.run(runs, str(rdir))
     _step("report", t0)
-    print((rdir / "leaderboard.md").read_text())
-    return {"leaderboard": str(rdir / "leaderboard.md"), "metrics": rep["metrics"], "stages": record,
+    print(storage.read_text(Path(rdir) / layout.LEADERBOARD_MD))
+    return {"leaderboard": str(Path(rdir) / layout.LEADERBOARD_MD), "metrics": rep["metrics"], "stages": record,
             "seconds": time.perf_counter() - t0}

@@ -1,6 +1,6 @@
 """`extract`: manifest → sampled frames → frozen ViT features in WebDataset shards.
 
-The flow, top to bottom (DESIGN §1, §4):
+The flow, top to bottom (the README's architecture section):
 
 1. **plan** – validate the manifest (with the root rule: every local video inside the
    video root unless ``allow_outside_root``), turn its samples into *extraction units*
@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -45,11 +43,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline import decode
+from pipeline import decode, layout, storage
 from pipeline import shards as sh
 from pipeline.config import ExtractConfig
 from pipeline.defaults import resolve_model_dir
@@ -60,7 +57,7 @@ from pipeline.sampling import SamplingPolicy, frame_indices
 from pipeline.units import Unit, plan_units
 from pipeline.vision import CLIP_MEAN, CLIP_STD, model_identity, pixel_values, pre_layernorm_features
 
-STAGING = "_staging"
+STAGING = layout.STAGING
 
 
 # ----------------------------------------------------------------------------- plan
@@ -96,8 +93,8 @@ def _units_to_do(out: Path, units: list[Unit], retry_failed: bool) -> list[Unit]
     those of unfinished shards not staged yet, and with ``retry_failed`` those that failed."""
     retry: set[str] = set()
     if retry_failed:
-        for stats in out.glob("shard-*.stats.json"):
-            retry |= {r["key"] for r in json.loads(stats.read_text())["ledger"] if r["status"] != "ok"}
+        for stats in storage.listdir(out, layout.STATS_GLOB):
+            retry |= {r["key"] for r in storage.read_json(stats)["ledger"] if r["status"] != "ok"}
     done = {s: shard_done(out, s) for s in {u.shard for u in units}}
     return [u for u in units if u.key in retry or not (done[u.shard] or staged(out, video_id(u.source)))]
 
@@ -107,11 +104,11 @@ def video_id(source: str) -> str:
 
 
 def shard_done(out: Path, shard: int) -> bool:
-    return (out / sh.SHARD_PATTERN.format(shard).replace(".tar", ".stats.json")).exists()
+    return storage.exists(layout.shard_stats_path(out, shard))
 
 
 def staged(out: Path, vid: str) -> bool:
-    return (out / STAGING / f"{vid}.json").exists()
+    return storage.exists(layout.staged_ledger(out, vid))
 
 
 # ----------------------------------------------------------------------------- decode
@@ -205,7 +202,6 @@ def _object_column(arrays: list) -> np.ndarray:
 
 def stage_video(row: dict, out: str, dtype: str, image_size: int) -> dict:
     """Ray Data task: write one video's unit samples and ledger rows to the staging folder."""
-    out_dir = Path(out) / STAGING
     units = json.loads(row["units"])
     info = json.loads(row["info"])
     model = json.loads(row["model"])
@@ -230,8 +226,8 @@ def stage_video(row: dict, out: str, dtype: str, image_size: int) -> dict:
             members += sh.sample_members(u["key"], x, idx, ts, meta)
             rec["num_frames"] = int(len(idx))
         ledger.append(rec)
-    sh.write_tar(out_dir / f"{row['vid']}.tar", members)
-    sh.write_json(out_dir / f"{row['vid']}.json", ledger)  # written last: marks the video staged
+    sh.write_tar(layout.staged_tar(out, row["vid"]), members)
+    storage.write_json(layout.staged_ledger(out, row["vid"]), ledger)  # written last: marks the video staged
     return {"vid": row["vid"], "ok": sum(r["status"] == "ok" for r in ledger),
             "failed": sum(r["status"] != "ok" for r in ledger)}
 
@@ -253,8 +249,8 @@ def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
 
     def staged_video(vid):
         if vid not in cache:
-            members = dict(sh.read_tar_members(out / STAGING / f"{vid}.tar"))
-            ledger = {r["key"]: r for r in json.loads((out / STAGING / f"{vid}.json").read_text())}
+            members = dict(sh.read_tar_members(layout.staged_tar(out, vid)))
+            ledger = {r["key"]: r for r in storage.read_json(layout.staged_ledger(out, vid))}
             cache[vid] = (members, ledger)
         return cache[vid]
 
@@ -268,7 +264,7 @@ def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
                 rec = dict(vledger[u.key], shard=shard, sample_ids=json.dumps(u.sample_ids))
                 if rec["status"] == "ok":
                     mine = [(n, d) for n, d in sorted(vmembers.items()) if n.split(".", 1)[0] == u.key]
-                    sums[u.key] = _verified_checksums(out / STAGING / f"{vid_of[u.key]}.tar", u.key, mine)
+                    sums[u.key] = _verified_checksums(layout.staged_tar(out, vid_of[u.key]), u.key, mine)
                     members += mine
             except (sh.ShardIntegrityError, KeyError, ValueError) as e:
                 bad = (vid_of[u.key], e)
@@ -276,20 +272,20 @@ def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
             ledger.append(rec)
         if bad is not None:
             vid, e = bad
-            (out / STAGING / f"{vid}.json").unlink(missing_ok=True)  # unstaged: the next run computes it again
-            (out / STAGING / f"{vid}.tar").unlink(missing_ok=True)
+            storage.remove(layout.staged_ledger(out, vid))  # unstaged: the next run computes it again
+            storage.remove(layout.staged_tar(out, vid))
             cache.pop(vid, None)
             print(f"extract: staged video {vid} is unusable ({e}); shard {shard} left unfinished, re-run extract to "
                   f"compute that video again", file=sys.stderr, flush=True)
             continue
-        name = sh.SHARD_PATTERN.format(shard)
+        name = layout.shard_name(shard)
         size = sh.write_tar(out / name, members)
         stats = {"shard": name, "units": len(us), "ok": sum(r["status"] == "ok" for r in ledger),
                  "failed": sum(r["status"] != "ok" for r in ledger),
                  "frames": sum(r["num_frames"] for r in ledger), "bytes": size, "ledger": ledger,
                  # every member's checksum, the JSON too: what train and infer verify each sample against
                  "checksums": sums}
-        sh.write_json(out / name.replace(".tar", ".stats.json"), stats)  # written last: marks the shard complete
+        storage.write_json(out / layout.stats_name(name), stats)  # written last: marks the shard complete
         written.append(shard)
     return written
 
@@ -312,8 +308,8 @@ def _verified_checksums(staged_tar: Path, key: str, members: list[tuple[str, byt
 def write_tables(out: Path) -> tuple[int, int]:
     """Rebuild index.parquet and ledger.parquet from the per-shard stats; return (ok, failed)."""
     ledger = []
-    for stats in sorted(out.glob("shard-*.stats.json")):
-        s = json.loads(stats.read_text())
+    for stats in storage.listdir(out, layout.STATS_GLOB):
+        s = storage.read_json(stats)
         for r in s["ledger"]:
             ledger.append({**r, "shard_file": s["shard"]})
     ledger.sort(key=lambda r: r["key"])
@@ -325,10 +321,10 @@ def write_tables(out: Path) -> tuple[int, int]:
                         ("shard_file", pa.string()), ("status", pa.string()), ("reason", pa.string()),
                         ("message", pa.string()), ("num_frames", pa.int64()), ("n_samples", pa.int64()),
                         ("sample_ids", pa.string()), ("decode_s", pa.float64()), ("encode_s", pa.float64())])
-    sh.write_parquet(out / "ledger.parquet", rows, schema)
+    storage.write_parquet(layout.ledger_path(out), rows, schema)
     index_cols = ["key", "video", "start_sec", "end_sec", "policy", "shard_file", "status", "num_frames"]
     index_schema = pa.schema([schema.field(c) for c in index_cols])
-    sh.write_parquet(out / "index.parquet", [{c: r[c] for c in index_cols} for r in rows], index_schema)
+    storage.write_parquet(layout.index_path(out), [{c: r[c] for c in index_cols} for r in rows], index_schema)
     ok = sum(r["status"] == "ok" for r in rows)
     return ok, len(rows) - ok
 
@@ -363,7 +359,7 @@ def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
     _report_missing(manifest, video_root, _units_to_do(Path(cfg.out), units, cfg.retry_failed))
     out = Path(cfg.out)
     if not cfg.dry_run:  # a dry run plans and checks only: it writes nothing
-        out.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out)
         held.enter_context(OutputLock(out, "extract"))  # one writer per folder, before anything is read or written
     vid_of = {u.key: video_id(u.source) for u in units}
     n_shards = max(u.shard for u in units) + 1
@@ -393,8 +389,8 @@ def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
     ok, failed = write_tables(out)
     complete = all(shard_done(out, s) for s in range(n_shards))
     if complete:
-        shutil.rmtree(out / STAGING, ignore_errors=True)
-    ledger = pd.read_parquet(out / "ledger.parquet")
+        storage.remove_tree(layout.staging_dir(out))
+    ledger = storage.read_parquet(layout.ledger_path(out))
     failures = ledger[ledger.status != "ok"].reason.value_counts().to_dict()
     return ExtractResult(str(out), len(units), ok, failed, len(by_vid), n_videos - len(by_vid), n_shards,
                          time.perf_counter() - t_start, failures)
@@ -426,19 +422,19 @@ def _process(cfg: ExtractConfig, out: Path, by_vid: dict[str, list[Unit]], progr
 
 
 def _image_size(model_dir: str) -> int:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = storage.read_json(Path(model_dir) / "config.json")
     return int(cfg.get("vision_config", cfg).get("image_size", 224))
 
 
 def _reopen_failed_shards(out: Path, units: list[Unit], vid_of: dict[str, str]) -> None:
-    for stats in out.glob("shard-*.stats.json"):
-        s = json.loads(stats.read_text())
+    for stats in storage.listdir(out, layout.STATS_GLOB):
+        s = storage.read_json(stats)
         if s["failed"]:
-            stats.unlink()
+            storage.remove(stats)
             failed_keys = {r["key"] for r in s["ledger"] if r["status"] != "ok"}
             for u in units:
                 if u.key in failed_keys:
-                    (out / STAGING / f"{vid_of[u.key]}.json").unlink(missing_ok=True)
+                    storage.remove(layout.staged_ledger(out, vid_of[u.key]))
 
 
 def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video_root: str | None, *,
@@ -447,12 +443,12 @@ def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video
     plan = {"video_root": str(Path(video_root).resolve()) if video_root and "://" not in video_root else video_root,
             "shard_size": cfg.shard_size, "units": hashlib.sha1("".join(u.key for u in units).encode()).hexdigest(),
             "model": cfg.model, "dtype": cfg.dtype, "sampling": cfg.sampling}
-    path = out / "extract.json"
-    if path.exists():
-        prev = json.loads(path.read_text())
+    path = layout.plan_path(out)
+    if storage.exists(path):
+        prev = storage.read_json(path)
         diff = [k for k in plan if k != "video_root" and prev.get(k) != plan[k]]
         if diff:
             raise ValueError(f"{out} holds shards of a different extraction ({', '.join(diff)} changed); "
                              f"use another --out or delete {out}")
     elif write:
-        sh.write_json(path, plan)
+        storage.write_json(path, plan)

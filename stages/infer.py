@@ -29,7 +29,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
@@ -37,12 +36,13 @@ from tqdm import tqdm
 from pipeline.benchmarks import protocol
 from pipeline.config import InferConfig
 from pipeline.data import FeatureStore, Sample, SampleDataset, collate, join_samples
+from pipeline import layout, storage
 from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
 from pipeline.metrics import SUBSET_COLUMNS, membership, scored_prediction
+from pipeline.model.hashing import checkpoint_identity  # noqa: F401  (its home is pipeline.model.hashing)
 from pipeline.runtime import cluster_has_gpus, init_ray
-from pipeline.shards import write_parquet
 
 PRED_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("benchmark", pa.string()), ("task", pa.string()), ("split", pa.string()),
@@ -173,22 +173,6 @@ class Generator:
 
 # ----------------------------------------------------------------------------- driver
 
-def checkpoint_identity(checkpoint: str | None, model_dir: str, malmm: dict) -> str:
-    """A short hash naming the weights that produce the predictions."""
-    h = hashlib.sha256(json.dumps(malmm, sort_keys=True).encode())
-    for path in ([Path(checkpoint)] if checkpoint else []) + [Path(model_dir)]:
-        files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()
-                       and p.suffix in (".safetensors", ".json", ".pth", ".bin"))
-        for f in files:
-            h.update(f.name.encode())
-            if f.suffix == ".json" or f.stat().st_size < 64 << 20:
-                h.update(f.read_bytes())
-            else:  # large weight files: name, size and mtime-free head/tail bytes
-                with open(f, "rb") as fh:
-                    h.update(str(f.stat().st_size).encode() + fh.read(1 << 20))
-                    fh.seek(-(1 << 20), 2)
-                    h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 def fingerprint(s: Sample, features_id: str, ckpt_id: str, proto, num_frames: int, memory: dict | None = None,
@@ -232,24 +216,24 @@ def _resolve_model(cfg: InferConfig, trust_pickle: bool = False) -> ModelSpec:
 
     # absolute: the Ray actors that load them do not run in the driver's folder
     ckpt = Path(cfg.checkpoint).resolve() if cfg.checkpoint else None
-    if ckpt and ckpt.is_dir() and (ckpt / "latest.json").exists():  # a training run folder: its latest checkpoint
-        ckpt = ckpt / "checkpoints" / json.loads((ckpt / "latest.json").read_text())["checkpoint"]
-    if ckpt and ckpt.is_file() and (ckpt.parent / CHECKPOINT_CONFIG).exists():  # our trainable.safetensors
+    if ckpt and storage.is_dir(ckpt) and storage.exists(layout.latest_path(ckpt)):  # a training run: its latest
+        ckpt = layout.checkpoint_dir(ckpt, storage.read_json(layout.latest_path(ckpt))["checkpoint"])
+    if ckpt and storage.is_file(ckpt) and storage.exists(ckpt.parent / CHECKPOINT_CONFIG):  # our trainable.safetensors
         ckpt = ckpt.parent
-    if ckpt and ckpt.is_dir() and (ckpt / CHECKPOINT_CONFIG).exists():  # our checkpoint
-        info = json.loads((ckpt / CHECKPOINT_CONFIG).read_text())
+    if ckpt and storage.is_dir(ckpt) and storage.exists(ckpt / CHECKPOINT_CONFIG):  # our checkpoint
+        info = storage.read_json(ckpt / CHECKPOINT_CONFIG)
         model_dir = info.get("base_model_dir") or str(resolve_model_dir(cfg.model))
-        if not Path(model_dir).exists():
+        if not storage.exists(model_dir):
             model_dir = str(resolve_model_dir(cfg.model))
         malmm = asdict(MALMMConfig(**info["malmm"]))
         frames = info.get("num_frames")
-        run_json = ckpt.parents[1] / "run.json" if len(ckpt.parents) > 1 else None
-        if frames is None and run_json is not None and run_json.exists():
-            frames = json.loads(run_json.read_text()).get("hp", {}).get("num_frames")
+        run_json = layout.run_info_path(ckpt.parents[1]) if len(ckpt.parents) > 1 else None
+        if frames is None and run_json is not None and storage.exists(run_json):
+            frames = storage.read_json(run_json).get("hp", {}).get("num_frames")
         return ModelSpec(model_dir, str(ckpt), malmm, "checkpoint", frames, malmm["memory_length"], malmm["memory"])
-    if ckpt and ckpt.is_dir() and (ckpt / "config.json").exists():  # an HF InstructBLIP directory: zero-shot
+    if ckpt and storage.is_dir(ckpt) and storage.exists(ckpt / "config.json"):  # an HF InstructBLIP directory: zero-shot
         return ModelSpec(str(ckpt), None, asdict(MALMMConfig()), "instructblip")
-    if ckpt and ckpt.is_file():  # a released MA-LMM / LAVIS checkpoint
+    if ckpt and storage.is_file(ckpt):  # a released MA-LMM / LAVIS checkpoint
         recorded = release_info(ckpt, trust_pickle=trust_pickle)  # a .pth: its saved LAVIS run configuration
         malmm = asdict(replace(malmm_config_from_lavis(recorded),  # LAVIS weights: LAVIS' ln_vision epsilon
                                ln_vision_eps=LAVIS_LN_VISION_EPS if recorded["lavis_names"] else None))
@@ -318,10 +302,10 @@ def protocol_settings(spec: ModelSpec, cfg: InferConfig, keys) -> tuple[dict, di
 
 
 def load_predictions(run_dir: Path) -> pd.DataFrame:
-    files = sorted((run_dir / "predictions").glob("*.parquet"))
+    files = storage.listdir(layout.predictions_dir(run_dir), "*.parquet")
     if not files:
         return pd.DataFrame(columns=PRED_SCHEMA.names)
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return pd.concat([storage.read_parquet(f) for f in files], ignore_index=True)
 
 
 def _write_predictions(run_dir: Path, rows: list[dict]) -> None:
@@ -329,12 +313,12 @@ def _write_predictions(run_dir: Path, rows: list[dict]) -> None:
         return
     new = pd.DataFrame(rows)
     for b, df in new.groupby("benchmark"):
-        path = run_dir / "predictions" / f"{b}.parquet"
-        if path.exists():
-            old = pd.read_parquet(path)
+        path = layout.predictions_path(run_dir, b)
+        if storage.exists(path):
+            old = storage.read_parquet(path)
             df = pd.concat([old[~old.sample_id.isin(df.sample_id)], df], ignore_index=True)
         df = df.sort_values("sample_id").reset_index(drop=True)
-        write_parquet(path, pa.Table.from_pandas(df[PRED_SCHEMA.names], schema=PRED_SCHEMA, preserve_index=False))
+        storage.write_parquet(path, pa.Table.from_pandas(df[PRED_SCHEMA.names], schema=PRED_SCHEMA, preserve_index=False))
 
 
 def _warn_loudly(message: str) -> None:
@@ -388,7 +372,7 @@ def _predict(cfg: InferConfig, rep, store: FeatureStore, run_dir: Path, spec, se
     if cfg.dry_run or not todo:
         return {"run_dir": str(run_dir), "predicted": 0, "skipped": len(rep.samples) - len(todo),
                 "protocols": protocols, "warnings": notes}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run_dir)
     init_ray(cfg.address)
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cluster_has_gpus() else 0)
     # samples sorted so batches share a protocol (its T and L)
@@ -419,9 +403,9 @@ def _predict(cfg: InferConfig, rep, store: FeatureStore, run_dir: Path, spec, se
     # how the predictions were produced: per protocol T, L and where each came from; what the weights record
     recorded = {"kind": spec.kind, "num_frames": spec.num_frames, "memory_length": spec.memory_length,
                 "memory": spec.memory}
-    (run_dir / "infer.json").write_text(json.dumps({"config": asdict(cfg), "model_dir": model_dir, "checkpoint": ckpt,
-                                                    "checkpoint_id": ckpt_id, "malmm": malmm, "recorded": recorded,
-                                                    "protocols": protocols, "warnings": notes},
-                                                   indent=1, default=str))
+    storage.write_json(layout.infer_info_path(run_dir),
+                       {"config": asdict(cfg), "model_dir": model_dir, "checkpoint": ckpt, "checkpoint_id": ckpt_id,
+                        "malmm": malmm, "recorded": recorded, "protocols": protocols, "warnings": notes},
+                       raw=True, mode=storage.UMASK, indent=1, default=str)
     return {"run_dir": str(run_dir), "predicted": len(items), "errors": n_err,
             "skipped": len(rep.samples) - len(todo), "protocols": protocols, "warnings": notes}

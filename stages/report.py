@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import sys
 from pathlib import Path
 
@@ -27,10 +26,10 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.benchmarks import PROTOCOLS, protocol
+from pipeline import layout, storage
 from pipeline import metrics as scoring  # `metrics` names the metric tables here
 from pipeline.metrics import ANSWER_RULES, lvu_average_tasks
 from pipeline.metrics import answer_rule as get_rule
-from pipeline.shards import atomic_path, write_parquet
 
 METRIC_SCHEMA = pa.schema([("run", pa.string()), ("benchmark", pa.string()), ("task", pa.string()),
                            ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()),
@@ -51,9 +50,9 @@ class DuplicateRunLabel(ValueError):
 
 
 def run_label(run_dir: Path) -> str:
-    info = run_dir / "infer.json"
-    if info.exists():
-        label = json.loads(info.read_text()).get("config", {}).get("label")
+    info = layout.infer_info_path(run_dir)
+    if storage.exists(info):
+        label = storage.read_json(info).get("config", {}).get("label")
         if label:
             return label
     return run_dir.name
@@ -87,7 +86,7 @@ def predictions_fingerprint(files: list[Path], n_boot: int = 0, answer_rule: str
     h = hashlib.sha256(f"n_boot={n_boot};answer_rule={rule};scores=v{SCORES_VERSION}".encode())
     for f in files:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        h.update(storage.read_bytes(f))
     return h.hexdigest()[:16]
 
 
@@ -96,7 +95,7 @@ def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None, answer_rul
     """Tidy metric rows for one run folder (from cache when its predictions and the answer
     rule are unchanged)."""
     rule = scoring.answer_rule(answer_rule)
-    files = sorted((run_dir / "predictions").glob("*.parquet"))
+    files = storage.listdir(layout.predictions_dir(run_dir), "*.parquet")
     if not files:
         raise FileNotFoundError(f"{run_dir}: no predictions/*.parquet; run `malmm-pipeline infer --out {run_dir}`")
     fp = predictions_fingerprint(files, n_boot, rule.id)
@@ -107,7 +106,7 @@ def score_run(run_dir: Path, n_boot: int, cache: pd.DataFrame | None, answer_rul
             return hit[METRIC_SCHEMA.names]
     rows = []
     for f in files:
-        preds = pd.read_parquet(f)
+        preds = storage.read_parquet(f)
         for (b, t), df in preds.groupby(["benchmark", "task"], sort=True):
             rows += [dict(r) for r in scoring.score(protocol(b, t), df, n_boot=n_boot, rule=rule)]
     rows += [dict(r) for r in scoring.lvu_average([r for r in rows if r["benchmark"] == "lvu"])]
@@ -123,10 +122,9 @@ def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: boo
     """Score ``runs`` (run folders) under ``answer_rule`` and write the leaderboard into ``out``."""
     rule = get_rule(answer_rule)  # an unknown rule fails before anything is read
     labels = check_labels([Path(r) for r in runs])
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = out_dir / "metrics.parquet"
-    cache = pd.read_parquet(cache_path) if cache_path.exists() else None
+    out_dir = storage.makedirs(out)
+    cache_path = layout.metrics_path(out_dir)
+    cache = storage.read_parquet(cache_path) if storage.exists(cache_path) else None
     frames = []
     done = set()
     for r in runs:
@@ -137,14 +135,12 @@ def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: boo
         frames.append(score_run(Path(r), n_boot, cache, rule.id, labels[key]))
         print(f"report: scored {r}", file=sys.stderr, flush=True)
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_SCHEMA.names)
-    write_parquet(cache_path, pa.Table.from_pandas(metrics, schema=METRIC_SCHEMA, preserve_index=False))
+    storage.write_parquet(cache_path, pa.Table.from_pandas(metrics, schema=METRIC_SCHEMA, preserve_index=False))
     images = make_plots(metrics, out_dir) if plots else []
     md, page = render(metrics, [Path(p).name for p in images])
-    with atomic_path(out_dir / "leaderboard.md") as tmp:
-        tmp.write_text(md)
-    with atomic_path(out_dir / "leaderboard.html") as tmp:
-        tmp.write_text(page)
-    written = [str(cache_path), str(out_dir / "leaderboard.md"), str(out_dir / "leaderboard.html")] + images
+    storage.write_text(out_dir / layout.LEADERBOARD_MD, md)
+    storage.write_text(out_dir / layout.LEADERBOARD_HTML, page)
+    written = [str(cache_path), str(out_dir / layout.LEADERBOARD_MD), str(out_dir / layout.LEADERBOARD_HTML)] + images
     return {"metrics": metrics, "files": written}
 
 
@@ -323,9 +319,9 @@ def make_plots(metrics: pd.DataFrame, out_dir: Path) -> list[str]:
         written.append(_savefig(fig, out_dir / "scores_by_run.png"))
         plt.close(fig)
     bench = next((d / "model.json" for d in (out_dir / "bench", Path(__file__).resolve().parents[1] / "reports"
-                                             / "bench") if (d / "model.json").exists()), None)
+                                             / "bench") if storage.exists(d / "model.json")), None)
     if bench is not None:
-        path = _plot_model_bench(json.loads(bench.read_text()), out_dir, plt)
+        path = _plot_model_bench(storage.read_json(bench), out_dir, plt)
         if path:
             written.append(path)
     return written
@@ -354,6 +350,6 @@ def _plot_model_bench(data: dict, out_dir: Path, plt) -> str | None:
 
 
 def _savefig(fig, path: Path) -> str:
-    with atomic_path(path, ".png") as tmp:
+    with storage.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     return str(path)

@@ -7,7 +7,7 @@ The flow, top to bottom:
 2. **fit** (Ray Train `TorchTrainer`, one process per worker) – each worker loads the
    model (frozen LLM, trainable Q-Former / query tokens / projection / ln_vision /
    frame PE), reads its slice of every global batch from the shards, and steps AdamW
-   with linear warm-up then cosine decay (DESIGN §5). Rank 0 writes checkpoints every
+   with linear warm-up then cosine decay (`pipeline.optim`). Rank 0 writes checkpoints every
    N steps and at each epoch end, the Parquet metrics log, and validates each epoch.
 3. **resume** – a run folder holding a checkpoint continues from it exactly: weights,
    optimiser, scheduler, RNG and data position (epoch, step in epoch).
@@ -24,12 +24,9 @@ from its last checkpoint exactly. The run folder is locked while train writes it
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 import threading
 import time
@@ -47,12 +44,14 @@ from pipeline.data import FeatureStore, SampleDataset, collate, join_samples
 from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
-from pipeline import metrics
+from pipeline import layout, metrics, storage
+from pipeline.model.hashing import module_digest
+from pipeline.optim import adamw, lr_lambda, param_groups, warmup_cosine  # noqa: F401  (lr_lambda: re-exported)
 from pipeline.runtime import init_ray
-from pipeline.shards import ShardIntegrityError, atomic_path, write_json, write_parquet
+from pipeline.shards import ShardIntegrityError
 from stages.infer import predict_samples
 
-CKPT_DIR = "checkpoints"
+CKPT_DIR = layout.CKPT_DIR
 
 
 class TrainInputError(ValueError):
@@ -138,26 +137,6 @@ def malmm_config(cfg: TrainConfig, hp: dict):
 
 # ----------------------------------------------------------------------------- optimiser
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and other 1-D tensors (DESIGN §5)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 7]).permutation(n)
 
@@ -170,7 +149,7 @@ def train_loop(loop_cfg: dict) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.model.checkpoint import load_malmm
+    from pipeline.model.checkpoint import CHECKPOINT_WEIGHTS, load_malmm  # heavy (torch): imported on use
     from pipeline.model.modeling_malmm import MALMMConfig
 
     _quiet_ray_train_worker()
@@ -201,23 +180,23 @@ def train_loop(loop_cfg: dict) -> None:
     total = opt_steps_per_epoch * hp["epochs"]
     # the fused kernel: one pass over all tensors (the default loops per tensor: 7 ms a step for the
     # tiny default's 112 tensors against 1.3 ms, measured on a CPU); the same update up to rounding
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=hp["lr"], betas=(0.9, 0.999),
-                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
+    optimizer = adamw(param_groups(model, cfg.weight_decay), hp["lr"], fused=device.type in ("cpu", "cuda"))
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None}
     log_rows: list[dict] = []
     resume = loop_cfg.get("resume_from")
     if resume:
         from safetensors.torch import load_file  # heavy: imported on use
-        model.load_state_dict(load_file(str(Path(resume) / "trainable.safetensors")), strict=False)
-        optimizer.load_state_dict(torch.load(Path(resume) / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(Path(resume) / "scheduler.pt", weights_only=True))
-        rng = Path(resume) / f"rng_rank{rank}.pt"
-        if rng.exists():
+        resume = storage.local_path(resume)
+        model.load_state_dict(load_file(str(resume / CHECKPOINT_WEIGHTS)), strict=False)
+        optimizer.load_state_dict(torch.load(resume / layout.OPTIMIZER, weights_only=True))
+        scheduler.load_state_dict(torch.load(resume / layout.SCHEDULER, weights_only=True))
+        rng = resume / layout.rng_name(rank)
+        if storage.exists(rng):
             torch.set_rng_state(torch.load(rng, weights_only=True))
-        state = json.loads((Path(resume) / "state.json").read_text())
-        if (run_dir / "metrics.parquet").exists():
-            log = pd.read_parquet(run_dir / "metrics.parquet")
+        state = storage.read_json(resume / layout.STATE)
+        if storage.exists(layout.metrics_path(run_dir)):
+            log = storage.read_parquet(layout.metrics_path(run_dir))
             log_rows = log[log.global_step <= state["global_step"]].to_dict("records")
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -286,7 +265,7 @@ def train_loop(loop_cfg: dict) -> None:
         ray.train.report({**log_rows[-1], **({"val": val} if val else {})})
     if rank == 0:  # the frozen LLM must come out of training bit-identical
         after = llm_digest(model)
-        write_json(run_dir / "frozen_llm.json", {"sha256_before": llm_before, "sha256_after": after,
+        storage.write_json(layout.frozen_llm_path(run_dir), {"sha256_before": llm_before, "sha256_after": after,
                                                  "unchanged": after == llm_before,
                                                  "trainable_llm_params": sum(p.requires_grad for p in
                                                                              model.llm.parameters())})
@@ -302,17 +281,12 @@ def _quiet_ray_train_worker() -> None:
 
 
 def llm_digest(model) -> str:
-    """SHA-256 over the frozen LLM's parameters and buffers (names and bytes)."""
-    h = hashlib.sha256()
-    for name, t in list(model.llm.named_parameters()) + list(model.llm.named_buffers()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 over the frozen LLM's parameters and buffers (names and bytes; `pipeline.model.hashing`)."""
+    return module_digest(model.llm)
 
 
 def _write_progress(run_dir: Path, row: dict) -> None:
-    with atomic_path(run_dir / "progress.json") as tmp:
-        tmp.write_text(json.dumps(row))
+    storage.write_json(layout.progress_path(run_dir), row, raw=True)
 
 
 def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, world: int, cfg: TrainConfig,
@@ -323,39 +297,37 @@ def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, wo
 
     from pipeline.model.checkpoint import save_checkpoint
 
-    name = f"step-{state['global_step']:08d}"
-    ckpts = run_dir / CKPT_DIR
-    tmp = ckpts / f".{name}.tmp"
+    name = layout.step_name(state["global_step"])
+    ckpts = layout.checkpoints_dir(run_dir)
+    tmp = ckpts / f".{name}.tmp"  # every rank writes into it; rank 0 puts it in place when it is complete
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        storage.remove_tree(tmp)
+        storage.makedirs(tmp)
     if world > 1:
         dist.barrier()
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.save(torch.get_rng_state(), storage.local_path(tmp / layout.rng_name(rank)))
     if world > 1:
         dist.barrier()
     if rank != 0:
         return
     save_checkpoint(model, tmp, num_frames=num_frames)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    write_parquet(run_dir / "metrics.parquet", log_rows)
-    final = ckpts / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    torch.save(optimizer.state_dict(), storage.local_path(tmp / layout.OPTIMIZER))
+    torch.save(scheduler.state_dict(), storage.local_path(tmp / layout.SCHEDULER))
+    storage.write_json(tmp / layout.STATE, state, raw=True, mode=storage.UMASK, indent=1)
+    storage.write_parquet(layout.metrics_path(run_dir), log_rows)
+    storage.replace_dir(tmp, ckpts / name)
     _prune(ckpts, cfg.keep_last, state.get("best"))
-    write_json(run_dir / "latest.json", {"checkpoint": name, **state})
+    storage.write_json(layout.latest_path(run_dir), {"checkpoint": name, **state})  # last: marks it complete
 
 
 def _prune(ckpts: Path, keep_last: int, best: dict | None) -> None:
-    names = sorted(p.name for p in ckpts.glob("step-*") if p.is_dir())
+    names = [p.name for p in storage.listdir(ckpts, layout.STEP_GLOB, dirs=True)]
     keep = set(names[-keep_last:]) if keep_last > 0 else set(names)
     if best:
-        keep.add(f"step-{best['global_step']:08d}")
+        keep.add(layout.step_name(best["global_step"]))
     for n in names:
         if n not in keep:
-            shutil.rmtree(ckpts / n, ignore_errors=True)
+            storage.remove_tree(ckpts / n)
 
 
 def _validate(model, samples, cfg: TrainConfig, hp: dict, device) -> dict:
@@ -372,7 +344,7 @@ def _validate(model, samples, cfg: TrainConfig, hp: dict, device) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    names = sorted(p for p in (run_dir / CKPT_DIR).glob("step-*") if p.is_dir())
+    names = storage.listdir(layout.checkpoints_dir(run_dir), layout.STEP_GLOB, dirs=True)
     return names[-1] if names else None
 
 
@@ -388,10 +360,10 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig, hp: dict) -> None:
     Resuming under, say, another learning rate or epoch count would silently mix two schedules
     (and a smaller epoch count would report the longer run as finished).
     """
-    info_path = run_dir / "run.json"
-    if not info_path.exists():
+    info_path = layout.run_info_path(run_dir)
+    if not storage.exists(info_path):
         return
-    info = json.loads(info_path.read_text())
+    info = storage.read_json(info_path)
     before = {**{k: info.get("config", {}).get(k) for k in TRAJECTORY_FIELDS}, **info.get("hp", {})}
     now = {**{k: getattr(cfg, k) for k in TRAJECTORY_FIELDS}, **hp}
     diffs = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
@@ -435,7 +407,7 @@ def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None,
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     if resume_from is not None:
         _check_same_run(run_dir, cfg, hp)
-        st = json.loads((resume_from / "state.json").read_text())
+        st = storage.read_json(resume_from / layout.STATE)
         if st.get("epoch", 0) >= hp["epochs"]:
             print(f"train: {run_dir} already holds the final checkpoint ({resume_from.name}, {hp['epochs']} epochs); "
                   f"nothing to do", file=sys.stderr, flush=True)
@@ -445,16 +417,16 @@ def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None,
           file=sys.stderr, flush=True)
     if cfg.dry_run:  # plans only: nothing is written or deleted
         return {"plan": p, "resume_from": resume_from}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume and (run_dir / CKPT_DIR).exists():
-        shutil.rmtree(run_dir / CKPT_DIR)
-        (run_dir / "metrics.parquet").unlink(missing_ok=True)
+    storage.makedirs(run_dir)
+    if not cfg.resume and storage.exists(layout.checkpoints_dir(run_dir)):
+        storage.remove_tree(layout.checkpoints_dir(run_dir))
+        storage.remove(layout.metrics_path(run_dir))
     model_dir = str(resolve_model_dir(cfg.model))
     mcfg = malmm_config(cfg, hp)
     run_info = {"config": asdict(cfg), "hp": hp, "malmm": asdict(mcfg), "model_dir": model_dir,
                 "train_samples": len(p["train"].samples), "val_samples": len(p["val"].samples),
                 "skipped": p["train"].missing}
-    write_json(run_dir / "run.json", run_info)
+    storage.write_json(layout.run_info_path(run_dir), run_info)
     init_ray(cfg.address)
     n_cpus = max(1, (os.cpu_count() or 1) // max(1, cfg.num_workers))
     loop_cfg = {"cfg": asdict(cfg), "hp": hp, "run_dir": str(run_dir), "model_dir": model_dir, "malmm": asdict(mcfg),
@@ -492,13 +464,13 @@ def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool,
             box["error"] = e
 
     thread = threading.Thread(target=fit, daemon=True)
-    (run_dir / "progress.json").unlink(missing_ok=True)
+    storage.remove(layout.progress_path(run_dir))
     thread.start()
     bar = tqdm(total=total_steps, unit="step", desc=desc, file=sys.stderr, disable=not progress, position=position)
     while thread.is_alive():
         thread.join(0.5)
         try:
-            p = json.loads((run_dir / "progress.json").read_text())
+            p = storage.read_json(layout.progress_path(run_dir))
         except (FileNotFoundError, json.JSONDecodeError):
             continue
         if p["global_step"] == bar.n:

@@ -1,4 +1,4 @@
-"""The MA-LMM model (DESIGN §2-3).
+"""The MA-LMM model (see the README's architecture section).
 
 * :mod:`pipeline.model.modeling_malmm` – ``MALMMConfig``, ``MemoryQFormer``, ``MALMM`` (one readable file);
 * :mod:`pipeline.model.memory` – memory banks, ``compress`` (memory bank compression), ``MemoryState``;

@@ -1,6 +1,6 @@
 """Loading and saving MA-LMM weights.
 
-Three sources of weights (DESIGN §2):
+Three sources of weights:
 
 * a Hugging Face InstructBLIP directory (``InstructBlipForConditionalGeneration.save_pretrained``
   plus ``InstructBlipProcessor.save_pretrained``: LLM tokenizer in the root, Q-Former tokenizer in
@@ -21,9 +21,6 @@ checkpoint reads the Q-Former, the projection and the LLM, never the ViT body.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pipeline import storage
+from pipeline.model.hashing import base_model_identity  # noqa: F401  (re-exported: its home is hashing)
 from pipeline.model.modeling_malmm import LAVIS_LN_VISION_EPS, MALMM, MALMMConfig
 
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -68,9 +67,9 @@ def _quiet_transformers():
 
 def _model_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
-    if not path.exists():
+    if not storage.exists(path):
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a directory saved with save_pretrained")
-    return json.loads(path.read_text())
+    return storage.read_json(path)
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -79,19 +78,19 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = model_dir / index_name
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        if storage.exists(index):
+            weight_map = storage.read_json(index)["weight_map"]
             return {k: model_dir / v for k, v in weight_map.items()}
-        if (model_dir / single).exists():
+        if storage.exists(model_dir / single):
             return {k: model_dir / single for k in _file_keys(model_dir / single)}
     raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
 
 
 def _file_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(storage.local_path(path)), framework="pt") as f:
             return list(f.keys())
-    return list(torch.load(path, map_location="meta", weights_only=True, mmap=True).keys())
+    return list(torch.load(storage.local_path(path), map_location="meta", weights_only=True, mmap=True).keys())
 
 
 def read_tensors(model_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -103,24 +102,13 @@ def read_tensors(model_dir: str | Path, prefixes: tuple[str, ...]) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(storage.local_path(file)), framework="pt") as f:
                 for n in names:
                     out[n] = f.get_tensor(n)
         else:  # PyTorch shard: weights_only unpickling accepts tensors only
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch.load(storage.local_path(file), map_location="cpu", weights_only=True, mmap=True)
             out.update({n: sd[n] for n in names})
     return out
-
-
-def base_model_identity(model_dir: str | Path | None) -> dict:
-    """Cheap identity of a base model directory: name, config hash, weight file names and sizes."""
-    if model_dir is None:
-        return {}
-    model_dir = Path(model_dir)
-    h = hashlib.sha256((model_dir / "config.json").read_bytes() if (model_dir / "config.json").exists() else b"")
-    for p in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
-    return {"name": model_dir.name, "sha256": h.hexdigest()[:16]}
 
 
 def _resolve_dtype(dtype, saved: str | None) -> torch.dtype:
@@ -215,7 +203,7 @@ def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpo
     saved_dtype = raw.get("text_config", {}).get("dtype") or raw.get("text_config", {}).get("torch_dtype")
     llm = _load_llm(model_dir, base.text_config, _resolve_dtype(dtype, saved_dtype))
     qformer_dir = model_dir / "qformer_tokenizer"
-    if not qformer_dir.exists():
+    if not storage.exists(qformer_dir):
         raise FileNotFoundError(f"{model_dir}: no qformer_tokenizer/ (save the InstructBlipProcessor beside the model)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_dir)
@@ -313,20 +301,16 @@ def save_checkpoint(model: MALMM, out_dir: str | Path, *, num_frames: int | None
 
     ``num_frames``: the frames per sample T the weights were trained with, recorded so that a checkpoint
     folder copied on its own still runs with its T in ``infer``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.makedirs(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
-    tmp = out_dir / f".{CHECKPOINT_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "malmm_format": CHECKPOINT_FORMAT})
-    os.replace(tmp, out_dir / CHECKPOINT_WEIGHTS)
+    with storage.atomic_path(out_dir / CHECKPOINT_WEIGHTS, ".safetensors", mode=storage.UMASK) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "malmm_format": CHECKPOINT_FORMAT})
     info = {"format": CHECKPOINT_FORMAT, "malmm": asdict(model.config), "base_model_dir": model.base_model_dir,
             "base_model": base_model_identity(model.base_model_dir), "num_query_tokens": model.num_query_tokens,
             "tensors": len(tensors)}
     if num_frames is not None:
         info["num_frames"] = int(num_frames)
-    tmp = out_dir / f".{CHECKPOINT_CONFIG}.tmp"
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / CHECKPOINT_CONFIG)
+    storage.write_json(out_dir / CHECKPOINT_CONFIG, info, raw=True, mode=storage.UMASK, indent=1, sort_keys=True)
     return out_dir
 
 
@@ -334,9 +318,9 @@ def read_checkpoint_config(checkpoint: str | Path) -> MALMMConfig | None:
     """The :class:`MALMMConfig` recorded in one of our checkpoint directories (None for other formats)."""
     path = Path(checkpoint)
     path = path if path.is_dir() else path.parent
-    if not (path / CHECKPOINT_CONFIG).exists():
+    if not storage.exists(path / CHECKPOINT_CONFIG):
         return None
-    return MALMMConfig(**json.loads((path / CHECKPOINT_CONFIG).read_text())["malmm"])
+    return MALMMConfig(**storage.read_json(path / CHECKPOINT_CONFIG)["malmm"])
 
 
 def _is_pickle(path: Path) -> bool:
@@ -350,11 +334,11 @@ def _load_pickle(path: Path, trust_pickle: bool):
             f"trust_pickle=True (CLI: --trust-pickle) only for a file from a source you trust, or convert it to "
             f"safetensors first")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(storage.local_path(path), map_location="cpu", weights_only=True)
     except Exception as e:  # e.g. LAVIS stores an OmegaConf config beside the weights
         warnings.warn(f"{path}: weights-only unpickling failed ({type(e).__name__}); unpickling fully because "
                       f"trust_pickle=True")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(storage.local_path(path), map_location="cpu", weights_only=False)
     return obj
 
 
@@ -460,20 +444,20 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
     """
     path = Path(checkpoint)
     if path.is_dir():
-        if not (path / CHECKPOINT_WEIGHTS).exists():
+        if not storage.exists(path / CHECKPOINT_WEIGHTS):
             raise FileNotFoundError(f"{path}: no {CHECKPOINT_WEIGHTS}")
         path = path / CHECKPOINT_WEIGHTS
-    if not path.exists():
+    if not storage.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     info_path = path.parent / CHECKPOINT_CONFIG
-    if path.name == CHECKPOINT_WEIGHTS and info_path.exists() and model.base_model_dir:
-        recorded = json.loads(info_path.read_text()).get("base_model") or {}
+    if path.name == CHECKPOINT_WEIGHTS and storage.exists(info_path) and model.base_model_dir:
+        recorded = storage.read_json(info_path).get("base_model") or {}
         current = base_model_identity(model.base_model_dir)
         if recorded.get("sha256") and recorded.get("sha256") != current.get("sha256"):
             warnings.warn(f"{path} was trained on base model {recorded.get('name')!r} ({recorded['sha256']}), "
                           f"applying it to {current.get('name')!r} ({current.get('sha256')})")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = load_file(str(storage.local_path(path)))
     else:  # .pth / .pt / .bin ...: a pickle
         state = _read_pickle(path, trust_pickle)
     lavis = _looks_lavis(state)

@@ -4,7 +4,7 @@ Same classes and files as ``Salesforce/instructblip-vicuna-7b`` (``InstructBlipF
 + ``InstructBlipProcessor`` saved with ``save_pretrained``), with tiny configs:
 
 * vision: ``InstructBlipVisionModel`` with ``initializer_range=0.02`` (InstructBLIP's default
-  ``1e-10`` makes a random ViT emit ~1e-9 features that the next LayerNorm flattens; DESIGN §2);
+  ``1e-10`` makes a random ViT emit ~1e-9 features that the next LayerNorm flattens);
 * Q-Former: cross-attention every 2nd layer, width = vision width, ``num_query_tokens`` learned
   queries (32 as InstructBLIP by default; the embedded default has one per frame the synthetic
   protocol samples, 12, see :mod:`pipeline.defaults`);
@@ -27,11 +27,8 @@ same code path as a real checkpoint (:func:`pipeline.model.checkpoint.load_malmm
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,6 +40,10 @@ from pipeline.model.checkpoint import _quiet_transformers, hf_to_malmm_keys
 from pipeline.model.modeling_malmm import MALMM, MALMMConfig
 from pipeline.vision import pixel_values, pre_layernorm_features
 
+from pipeline import storage
+from pipeline.optim import adamw, warmup_cosine
+
+LM_BETAS = (0.9, 0.98)  # the tiny LLM's pretraining (a shorter second-moment memory than train's)
 LLM_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 #: in a corpus text, ``context <s> text``: the context stands where MA-LMM puts its video tokens
 #: (before the prompt's ``<s>``, see :func:`encode_lm_text`)
@@ -50,7 +51,7 @@ CONTEXT_MARK = "<s>"
 #: the token that fills a context up to the video tokens' length
 CONTEXT_FILLER = "<image>"
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-# Words of the benchmarks' prompt templates (DESIGN §5), so that prompts never tokenize to <unk>.
+# Words of the benchmarks' prompt templates (`pipeline.benchmarks`), so that prompts never tokenize to <unk>.
 PROMPT_WORDS = ("question : short answer what is the of movie type breakfast shown in video activity does "
                 "describe relationship way_speaking scene director genre writer year verb noun action next "
                 "? . , ' \"").split()
@@ -213,14 +214,9 @@ def lm_loss(llm, tokenizer, texts: list[str], batch_size: int = 64, context_toke
     return total / max(count, 1)
 
 
-def _warmup_cosine(steps: int):
-    warmup = max(1, steps // 20)
-
-    def schedule(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-    return schedule
+def _warmup_cosine(optimizer, steps: int):
+    """The shared warm-up/cosine schedule (`pipeline.optim`) with a warm-up of 5 % of ``steps``."""
+    return warmup_cosine(optimizer, max(1, steps // 20), steps, clamp=False)
 
 
 def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, batch_size: int = 32,
@@ -228,8 +224,8 @@ def pretrain_language_model(llm, tokenizer, corpus: list[str], *, steps: int, ba
                             context_tokens: int = 32) -> list[float]:
     """Plain next-token training of the LLM on ``corpus`` (AdamW, warm-up then cosine); returns losses."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
+    opt = adamw(llm.parameters(), lr=lr, betas=LM_BETAS, weight_decay=0.01)
+    sched = _warmup_cosine(opt, steps)
     batches = _lm_batches(tokenizer, corpus, batch_size, rng, context_tokens)
     llm.train()
     losses = []
@@ -282,8 +278,8 @@ def pretrain_qformer(model, llm_tok, qformer_tok, frames, pairs: list[tuple[str,
     n_train = len(feats) - held_out
     gen = torch.Generator().manual_seed(seed)
     params = mm.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.05, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
+    opt = adamw(params, lr=lr, weight_decay=0.05)
+    sched = _warmup_cosine(opt, steps)
     mm.train()
     losses = []
     for step in range(steps):
@@ -349,7 +345,7 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
     from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if storage.exists(out_dir) and storage.listdir(out_dir, "*"):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     corpus = [t for t in corpus if t.strip()]
     if not corpus:
@@ -382,9 +378,9 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
                                         frame_positions=qformer_frame_positions,
                                         log_every=max(1, qformer_steps // 4) if verbose else 0)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir.parent)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.remove_tree(tmp)
     # the PIL image processor (saved as a BlipImageProcessor) needs no torchvision
     image_processor_cls = getattr(transformers, "BlipImageProcessorPil", None) or transformers.BlipImageProcessor
     image_processor = image_processor_cls(size={"height": image_size, "width": image_size},
@@ -402,8 +398,8 @@ def build_tiny_instructblip(out_dir: str | Path, corpus: list[str], *, seed: int
                                      "frame_positions": qformer_frame_positions, **qformer_info}
                                     if qformer_info else None),
             "build_seconds": round(time.perf_counter() - t0, 2)}
-    (tmp / "tiny_info.json").write_text(json.dumps(info, indent=1))
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked above)
-    os.replace(tmp, out_dir)
+    storage.write_json(tmp / "tiny_info.json", info, raw=True, mode=storage.UMASK, indent=1)
+    if storage.exists(out_dir):
+        storage.remove_tree(out_dir)  # empty (checked above)
+    storage.move(tmp, out_dir)  # the whole folder at once: complete or absent
     return out_dir

@@ -10,7 +10,7 @@
    ``demo-out/features``) or, without it, ViT features of random frames. Reported: samples/s,
    generated tokens/s (beam 0, eos excluded), the ratio batch / one-at-a-time, and whether the
    batched beams equal the one-at-a-time beams (they must: padding is masked).
-2. **Re-scoring** – predictions tables for every protocol of the registry (DESIGN §5 plus
+2. **Re-scoring** – predictions tables for every protocol of the registry (plus
    ``synthetic``): ``--rows`` rows each, beams drawn from each benchmark's label set with a known
    hit rate. ``report`` scores them (answer rules, pycocoevalcap, EK100 recall, 1000-draw bootstrap
    CIs) and renders the leaderboard; a second ``report`` over the unchanged predictions hits the

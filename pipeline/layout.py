@@ -1,0 +1,153 @@
+"""The on-disk layout: folder and file names of a features folder and of a run folder
+(the README's data contracts). Stages and shared parts build paths with these, never with
+string literals, so the layout is declared once.
+
+Features folder (written by ``extract``)::
+
+    shard-NNNNNN.tar  shard-NNNNNN.stats.json   (stats written last: the shard is complete)
+    index.parquet  ledger.parquet  extract.json
+    _staging/{vid}.tar  _staging/{vid}.json      (per-video staging; the JSON marks it staged)
+    malmm.lock
+
+Run folder (``train`` / ``infer``)::
+
+    checkpoints/step-NNNNNNNN/   trainable.safetensors, malmm_config.json, optimizer.pt,
+                                 scheduler.pt, rng_rank{r}.pt, state.json
+    latest.json  run.json  progress.json  metrics.parquet  frozen_llm.json
+    predictions/{benchmark}.parquet  infer.json  malmm.lock
+
+Report folder: metrics.parquet, leaderboard.md, leaderboard.html, PNGs.
+
+Paths are joined with ``/`` on whatever path-like the caller has (a `Path` today; the
+storage layer resolves it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+LOCK_NAME = "malmm.lock"
+
+# ---------------------------------------------------------------- features folder
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+STATS_SUFFIX = ".stats.json"
+STATS_GLOB = "shard-*" + STATS_SUFFIX
+INDEX = "index.parquet"
+LEDGER = "ledger.parquet"
+EXTRACT_PLAN = "extract.json"
+STAGING = "_staging"
+
+
+def shard_name(shard: int) -> str:
+    return SHARD_PATTERN.format(shard)
+
+
+def stats_name(shard_file: str) -> str:
+    """``shard-N.tar`` → ``shard-N.stats.json`` (any other name gets the suffix appended)."""
+    return (shard_file[:-len(".tar")] if shard_file.endswith(".tar") else shard_file) + STATS_SUFFIX
+
+
+def shard_stats_path(features_dir, shard: int) -> Path:
+    return Path(features_dir) / stats_name(shard_name(shard))
+
+
+def index_path(features_dir) -> Path:
+    return Path(features_dir) / INDEX
+
+
+def ledger_path(features_dir) -> Path:
+    return Path(features_dir) / LEDGER
+
+
+def plan_path(features_dir) -> Path:
+    return Path(features_dir) / EXTRACT_PLAN
+
+
+def staging_dir(features_dir) -> Path:
+    return Path(features_dir) / STAGING
+
+
+def staged_tar(features_dir, vid: str) -> Path:
+    return staging_dir(features_dir) / f"{vid}.tar"
+
+
+def staged_ledger(features_dir, vid: str) -> Path:
+    """The staged video's ledger rows; written last, it marks the video staged."""
+    return staging_dir(features_dir) / f"{vid}.json"
+
+
+# ---------------------------------------------------------------- run folder
+CKPT_DIR = "checkpoints"
+STEP_GLOB = "step-*"
+LATEST = "latest.json"
+RUN_INFO = "run.json"
+PROGRESS = "progress.json"
+METRICS = "metrics.parquet"
+FROZEN_LLM = "frozen_llm.json"
+PREDICTIONS_DIR = "predictions"
+INFER_INFO = "infer.json"
+
+# inside one checkpoint folder (the weights / config names are `pipeline.model.checkpoint`'s)
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+STATE = "state.json"
+
+
+def step_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def rng_name(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def checkpoint_dir(run_dir, name_or_step: str | int) -> Path:
+    name = step_name(name_or_step) if isinstance(name_or_step, int) else name_or_step
+    return checkpoints_dir(run_dir) / name
+
+
+def latest_path(run_dir) -> Path:
+    """Written last after a checkpoint: the run's completion marker."""
+    return Path(run_dir) / LATEST
+
+
+def run_info_path(run_dir) -> Path:
+    return Path(run_dir) / RUN_INFO
+
+
+def progress_path(run_dir) -> Path:
+    return Path(run_dir) / PROGRESS
+
+
+def metrics_path(run_dir) -> Path:
+    return Path(run_dir) / METRICS
+
+
+def frozen_llm_path(run_dir) -> Path:
+    return Path(run_dir) / FROZEN_LLM
+
+
+def predictions_dir(run_dir) -> Path:
+    return Path(run_dir) / PREDICTIONS_DIR
+
+
+def predictions_path(run_dir, benchmark: str) -> Path:
+    return predictions_dir(run_dir) / f"{benchmark}.parquet"
+
+
+def infer_info_path(run_dir) -> Path:
+    return Path(run_dir) / INFER_INFO
+
+
+def lock_path(folder) -> Path:
+    return Path(folder) / LOCK_NAME
+
+
+# ---------------------------------------------------------------- report folder
+LEADERBOARD_MD = "leaderboard.md"
+LEADERBOARD_HTML = "leaderboard.html"
+
