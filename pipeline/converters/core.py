@@ -10,19 +10,19 @@ manifest row), :meth:`Context.video` (how that row's video is named on disk).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from pipeline import storage
 
 # The manifest columns every converter writes, in this order; a converter's own columns follow.
 CORE_COLUMNS = ("sample_id", "benchmark", "task", "split", "video", "start_sec", "end_sec", "question", "answer",
@@ -357,16 +357,5 @@ class Context:
 # ============================================================================ writing
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, fsyncs it and renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically, through the storage layer."""
+    storage.write_text(path, text, encoding="utf-8")

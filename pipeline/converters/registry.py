@@ -12,7 +12,9 @@ from typing import Callable
 import pandas as pd
 
 from pipeline.benchmarks import BENCHMARKS, SPLITS
-from pipeline.converters import coin, epic_kitchens, malmm_json
+import pipeline.converters.coin as coin
+import pipeline.converters.epic_kitchens as epic_kitchens
+import pipeline.converters.malmm_json as malmm_json
 from pipeline.converters.core import (CORE_COLUMNS, MISSING_SHOWN, SPLIT_ALIASES, ConversionError, ConvertResult,
                                       Context, Video, VideoFinder, atomic_write_text)
 from pipeline.converters.epic_kitchens import DEFAULT_ANTICIPATION_SEC, DEFAULT_OBSERVATION_SEC
