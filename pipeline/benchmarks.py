@@ -158,7 +158,3 @@ def protocol(benchmark: str, task: str | None = "", **overrides) -> Protocol:
     if key[1] == "" and task:
         p = replace(p, task=task)
     return replace(p, **overrides) if overrides else p
-
-
-def extract_policy(benchmark: str, task: str | None = "") -> SamplingPolicy:
-    return protocol(benchmark, task).extract_sampling

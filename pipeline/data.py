@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import layout, storage
-from pipeline.benchmarks import Protocol, protocol
+from pipeline.benchmarks import protocol
 from pipeline.manifest import Manifest
 from pipeline.sampling import segment_indices
 from pipeline.shards import (CorruptSampleError, MalformedShardError, ShardIntegrityError, decode_sample, iter_members,
@@ -48,7 +48,7 @@ class FeatureStore:
         if self._offsets is None:
             offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
             for shard in sorted(set(self.index.shard_file.dropna())):
-                if not re.fullmatch(r"shard-\d+\.tar", str(shard)):  # never a path out of the folder
+                if not re.fullmatch(layout.SHARD_RE, str(shard)):  # never a path out of the folder
                     raise MalformedShardError(layout.index_path(self.dir), None, None,
                                               f"names a shard file {shard!r}, not shard-NNNNNN.tar in {self.dir}")
                 path = self.dir / shard
@@ -250,7 +250,3 @@ def collate(items: list[dict]) -> dict:
     return {"features": torch.from_numpy(np.stack([it["features"] for it in items])),
             "prompts": [it["prompt"] for it in items], "answers": [it["answer"] for it in items],
             "index": [it["index"] for it in items]}
-
-
-def protocol_for(samples: list[Sample]) -> dict[tuple[str, str], Protocol]:
-    return {(s.benchmark, s.task): protocol(s.benchmark, s.task) for s in samples}

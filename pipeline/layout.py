@@ -30,6 +30,7 @@ LOCK_NAME = "malmm.lock"
 # ---------------------------------------------------------------- features folder
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
+SHARD_RE = r"shard-\d+\.tar"  # what a shard file name must match (index.parquet names nothing else)
 STATS_SUFFIX = ".stats.json"
 STATS_GLOB = "shard-*" + STATS_SUFFIX
 INDEX = "index.parquet"

@@ -276,17 +276,6 @@ def read_tar_members(path: str | Path) -> list[tuple[str, bytes]]:
         return out
 
 
-def read_sample(members: dict[str, bytes]) -> dict:
-    """Decode one WebDataset sample dict (extension → bytes, as `webdataset` yields it), unverified."""
-    out = {}
-    for ext, data in members.items():
-        if ext.endswith(".npy"):
-            out[ext[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
-        elif ext == "json":
-            out["meta"] = json.loads(data)
-    return out
-
-
 def iter_shard(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(key, sample) pairs of one shard, read with the standard library (no webdataset needed).
 

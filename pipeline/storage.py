@@ -104,12 +104,6 @@ def write_parquet(path: str | os.PathLike, rows: "list[dict] | pa.Table", schema
         pq.write_table(table, tmp)
 
 
-def write_dataframe(path: str | os.PathLike, df, **kw) -> None:
-    """A pandas DataFrame to Parquet, atomically (``df.to_parquet(**kw)``)."""
-    with atomic_path(path, ".parquet") as tmp:
-        df.to_parquet(tmp, **kw)
-
-
 # ------------------------------------------------------------------ reads
 def read_bytes(path: str | os.PathLike) -> bytes:
     return _resolve(path).read_bytes()

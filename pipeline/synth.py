@@ -148,13 +148,6 @@ DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_ANTICIPATION_SEC = 1.0  # observation ends this long before the final event (capped, see generate)
 
 
-def defaults() -> dict:
-    """The keyword defaults of :func:`generate` (the demo's benchmark)."""
-    return {"videos": DEFAULT_VIDEOS, "seconds": DEFAULT_SECONDS, "fps": DEFAULT_FPS, "size": DEFAULT_SIZE,
-            "events": DEFAULT_EVENTS, "test_fraction": DEFAULT_TEST_FRACTION,
-            "anticipation_sec": DEFAULT_ANTICIPATION_SEC}
-
-
 def question(task: str, colour: str | None = None) -> str:
     """The question of ``task`` (qa needs the referent's ``colour``)."""
     return QUESTIONS[task].format(colour=colour) if task == "qa" else QUESTIONS[task]

@@ -13,16 +13,14 @@ command runs, the Ray processes left by earlier commands that were killed are re
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import pandas as pd
 import typer
 
-from pipeline import converters
+from pipeline import converters, layout, storage
 from pipeline import synth as synth_mod
 from pipeline.config import ExtractConfig, InferConfig, ReportConfig, TrainConfig, resolve
 from pipeline.manifest import ManifestError
@@ -299,13 +297,13 @@ def demo(
 @app.command()
 def status(path: Path = typer.Argument(..., help="A features folder (from extract) or a run folder.")):
     """Summarise a features folder or a run: shards, ok / failed units by reason, what is left."""
-    if (path / "ledger.parquet").exists():
-        ledger = pd.read_parquet(path / "ledger.parquet")
-        shards = sorted(path.glob("shard-*.tar"))
-        plan = json.loads((path / "extract.json").read_text()) if (path / "extract.json").exists() else {}
+    if storage.exists(layout.ledger_path(path)):
+        ledger = storage.read_parquet(layout.ledger_path(path))
+        shards = storage.listdir(path, layout.SHARD_GLOB)
+        plan = storage.read_json(layout.plan_path(path), {}, missing_ok=True)
         typer.echo(f"{path}: {len(shards)} shard(s), {len(ledger)} units: "
                    f"{(ledger.status == 'ok').sum()} ok, {(ledger.status != 'ok').sum()} failed")
-        staging = list((path / "_staging").glob("*.json")) if (path / "_staging").exists() else []
+        staging = storage.listdir(layout.staging_dir(path), "*.json") if storage.exists(layout.staging_dir(path)) else []
         if staging:
             typer.echo(f"  unfinished run: {len(staging)} video(s) staged; re-run extract to finish")
         bad = ledger[ledger.status != "ok"]
@@ -314,9 +312,9 @@ def status(path: Path = typer.Argument(..., help="A features folder (from extrac
         if plan:
             typer.echo(f"  plan: {plan}")
         return
-    if (path / "run.json").exists():  # a train run
-        run = json.loads((path / "run.json").read_text())
-        latest = json.loads((path / "latest.json").read_text()) if (path / "latest.json").exists() else None
+    if storage.exists(layout.run_info_path(path)):  # a train run
+        run = storage.read_json(layout.run_info_path(path))
+        latest = storage.read_json(layout.latest_path(path), missing_ok=True)
         typer.echo(f"{path}: train run of {run['config']['benchmark']} ({run['config']['memory']} memory), "
                    f"{run['train_samples']} training samples, hp {run['hp']}")
         if latest is None:
@@ -325,15 +323,15 @@ def status(path: Path = typer.Argument(..., help="A features folder (from extrac
             done = latest["epoch"] >= run["hp"]["epochs"]
             typer.echo(f"  latest checkpoint {latest['checkpoint']}: epoch {latest['epoch']}/{run['hp']['epochs']}, "
                        f"step {latest['global_step']}" + ("; finished" if done else "; re-run train to resume"))
-        if (path / "metrics.parquet").exists():
-            log = pd.read_parquet(path / "metrics.parquet")
+        if storage.exists(layout.metrics_path(path)):
+            log = storage.read_parquet(layout.metrics_path(path))
             if len(log):
                 typer.echo(f"  last logged loss {log.loss.iloc[-1]:.4f} at step {int(log.global_step.iloc[-1])}")
-        if not (path / "predictions").exists():
+        if not storage.exists(layout.predictions_dir(path)):
             return
-    if (path / "predictions").exists():  # an infer run
-        for f in sorted((path / "predictions").glob("*.parquet")):
-            p = pd.read_parquet(f, columns=["task", "error"])
+    if storage.exists(layout.predictions_dir(path)):  # an infer run
+        for f in storage.listdir(layout.predictions_dir(path), "*.parquet"):
+            p = storage.read_parquet(f, columns=["task", "error"])
             failed = int((p.error.fillna("") != "").sum())
             typer.echo(f"{f}: {len(p)} predictions ({failed} failed) over tasks "
                        f"{', '.join(sorted(set(p.task.fillna('')) - {''})) or '-'}")
