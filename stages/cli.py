@@ -208,10 +208,7 @@ def train(
                   frame_position_init=frame_position_init, loss_reduction=loss_reduction, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
                   num_workers=num_workers, use_gpu=use_gpu, checkpoint_every=checkpoint_every, keep_last=keep_last,
                   validate=validate, resume=resume, dry_run=dry_run, address=address)
-    try:
-        res = train_stage.run(cfg)
-    except (train_stage.TrainInputError, ManifestError) as e:
-        _fail(f"error: {e}")
+    res = train_stage.run(cfg)  # expected errors: exit 2 (see the module docstring)
     if not cfg.dry_run:
         typer.echo(f"train: done → {res['checkpoint']}")
 
@@ -248,10 +245,7 @@ def infer(
                   split=split, benchmark=benchmark, task=task, out=out, label=label, model=model,
                   num_frames=num_frames, memory_length=memory_length, memory=memory, batch_size=batch_size,
                   workers=workers, num_gpus=num_gpus, dry_run=dry_run, address=address)
-    try:
-        res = infer_stage.run(cfg, trust_pickle=trust_pickle)
-    except (ManifestError, ValueError, FileNotFoundError, PermissionError) as e:
-        _fail(f"error: {e}")
+    res = infer_stage.run(cfg, trust_pickle=trust_pickle)  # expected errors: exit 2 (see the module docstring)
     typer.echo(f"infer: {res}")
 
 
@@ -274,10 +268,7 @@ def report(
         get_rule(cfg.answer_rule)
     except KeyError as e:
         _fail(f"error: --answer-rule: {e.args[0]}")
-    try:
-        res = report_stage.run(cfg.runs, cfg.out, cfg.n_boot, answer_rule=cfg.answer_rule)
-    except (FileNotFoundError, report_stage.DuplicateRunLabel) as e:
-        _fail(f"error: {e}")
+    res = report_stage.run(cfg.runs, cfg.out, cfg.n_boot, answer_rule=cfg.answer_rule)  # duplicate labels: exit 2
     typer.echo("report: wrote " + ", ".join(res["files"]))
 
 
