@@ -18,12 +18,14 @@ Run folder (``train`` / ``infer``)::
 
 Report folder: metrics.parquet, leaderboard.md, leaderboard.html, PNGs.
 
-Paths are joined with ``/`` on whatever path-like the caller has (a `Path` today; the
-storage layer resolves it).
+Every function takes a local path or an object-store URI alike and returns the location
+`pipeline.storage.path` gives (a `Path`, or a `storage.URI` that joins with ``/`` the same way).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from pipeline.storage import path as _location
 
 LOCK_NAME = "malmm.lock"
 
@@ -49,23 +51,23 @@ def stats_name(shard_file: str) -> str:
 
 
 def shard_stats_path(features_dir, shard: int) -> Path:
-    return Path(features_dir) / stats_name(shard_name(shard))
+    return _location(features_dir) / stats_name(shard_name(shard))
 
 
 def index_path(features_dir) -> Path:
-    return Path(features_dir) / INDEX
+    return _location(features_dir) / INDEX
 
 
 def ledger_path(features_dir) -> Path:
-    return Path(features_dir) / LEDGER
+    return _location(features_dir) / LEDGER
 
 
 def plan_path(features_dir) -> Path:
-    return Path(features_dir) / EXTRACT_PLAN
+    return _location(features_dir) / EXTRACT_PLAN
 
 
 def staging_dir(features_dir) -> Path:
-    return Path(features_dir) / STAGING
+    return _location(features_dir) / STAGING
 
 
 def staged_tar(features_dir, vid: str) -> Path:
@@ -103,7 +105,7 @@ def rng_name(rank: int) -> str:
 
 
 def checkpoints_dir(run_dir) -> Path:
-    return Path(run_dir) / CKPT_DIR
+    return _location(run_dir) / CKPT_DIR
 
 
 def checkpoint_dir(run_dir, name_or_step: str | int) -> Path:
@@ -113,27 +115,27 @@ def checkpoint_dir(run_dir, name_or_step: str | int) -> Path:
 
 def latest_path(run_dir) -> Path:
     """Written last after a checkpoint: the run's completion marker."""
-    return Path(run_dir) / LATEST
+    return _location(run_dir) / LATEST
 
 
 def run_info_path(run_dir) -> Path:
-    return Path(run_dir) / RUN_INFO
+    return _location(run_dir) / RUN_INFO
 
 
 def progress_path(run_dir) -> Path:
-    return Path(run_dir) / PROGRESS
+    return _location(run_dir) / PROGRESS
 
 
 def metrics_path(run_dir) -> Path:
-    return Path(run_dir) / METRICS
+    return _location(run_dir) / METRICS
 
 
 def frozen_llm_path(run_dir) -> Path:
-    return Path(run_dir) / FROZEN_LLM
+    return _location(run_dir) / FROZEN_LLM
 
 
 def predictions_dir(run_dir) -> Path:
-    return Path(run_dir) / PREDICTIONS_DIR
+    return _location(run_dir) / PREDICTIONS_DIR
 
 
 def predictions_path(run_dir, benchmark: str) -> Path:
@@ -141,11 +143,11 @@ def predictions_path(run_dir, benchmark: str) -> Path:
 
 
 def infer_info_path(run_dir) -> Path:
-    return Path(run_dir) / INFER_INFO
+    return _location(run_dir) / INFER_INFO
 
 
 def lock_path(folder) -> Path:
-    return Path(folder) / LOCK_NAME
+    return _location(folder) / LOCK_NAME
 
 
 # ---------------------------------------------------------------- report folder

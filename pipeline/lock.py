@@ -13,11 +13,15 @@ it dies; so a lock left behind by a killed run (``kill -9``, a crash, a power cu
 recognised by its pid no longer running, which covers file systems without ``flock``. A
 lock written by another host cannot be checked from here: it is refused, and the message
 says to delete the file if that process is gone. Released (the file removed) when the
-block ends. See the README's architecture section.
+block ends. A folder in an object store (``s3://…``) has no ``flock``: its lock file lives on the
+machine that writes it, under the local cache (``locks/<hash of the URI>/malmm.lock``), which
+keeps two writers on that machine apart; on a cluster the driver is the one writer of its
+output folders. See the README's architecture section.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -26,7 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import layout
+from pipeline import layout, storage
 
 LOCK_NAME = layout.LOCK_NAME  # flock needs a real local file: this module stays off the storage layer
 
@@ -86,6 +90,9 @@ class OutputLock:
 
     def __init__(self, folder: str | Path, command: str):
         self.folder = Path(folder)
+        if storage.is_uri(folder):  # an object store has no flock: the folder is locked on this machine
+            uri = str(storage.path(folder))
+            self.folder = storage.cache_dir().parent / "locks" / hashlib.sha256(uri.encode()).hexdigest()[:24]
         self.path = self.folder / LOCK_NAME
         self.command = command
         self.fd: int | None = None

@@ -59,3 +59,28 @@ def features_small(synth_small, tiny_model, ray_local, tmp_path_factory):
                       progress=False)
     assert res.failed == 0, res
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for this session; its AWS variables set in this process
+    (workers of an embedded Ray cluster inherit them)."""
+    from tests.s3server import S3Server
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket per test: ``s3://<name>``."""
+    import re
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    return s3_server.create_bucket(name)
