@@ -68,6 +68,7 @@ class TrainConfig:
     keep_last: int = 2
     validate: bool = True
     resume: bool = True
+    precision: str = "auto"  # pipeline.precision: auto | bf16 | fp16 | fp32
     address: str | None = None
     dry_run: bool = False
 
@@ -91,6 +92,7 @@ class InferConfig:
     batch_size: int = 16
     workers: int = 1
     num_gpus: float | None = None
+    precision: str = "auto"  # pipeline.precision: auto | bf16 | fp16 | fp32
     address: str | None = None
     dry_run: bool = False
 
