@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import storage
+
 
 def malmm_home() -> Path:
     """Cache directory for the embedded default models (``$MALMM_HOME``, else ~/.cache/malmm-pipeline)."""
@@ -138,4 +140,13 @@ def resolve(cls, section: str, config_file: str | Path | None = None, **flags):
                          f"known: {', '.join(sorted(names))}")
     values.update(data)
     values.update({k: v for k, v in flags.items() if v is not None})
+    for name in LOCATION_FIELDS & names:  # an unsupported scheme is an error now, never "missing" later
+        given = values.get(name)
+        for v in (given if isinstance(given, list) else [given]):
+            if isinstance(v, str) and "://" in v:
+                storage.check(v, f"--{name.replace('_', '-')}")
     return cls(**values)
+
+
+#: the options that name a location: a local path, file://, s3:// or gs:// (`pipeline.storage`)
+LOCATION_FIELDS = {"manifest", "video_root", "out", "features", "checkpoint", "runs"}

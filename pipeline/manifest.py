@@ -12,6 +12,7 @@ Object-store URIs (``s3://`` …) are not confined.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.benchmarks import BENCHMARKS, SPLITS, tasks_of
 
 REQUIRED = ("sample_id", "benchmark", "task", "split", "video", "answer")
@@ -149,7 +151,11 @@ def read_manifest(path: str | Path, video_root: str | None = None, *, check_file
     """
     path = str(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
+        storage.check(path, "manifest")
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        df = pd.read_csv(source, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
+    except storage.StorageError as e:
+        raise ManifestError(path, [str(e)]) from None
     except FileNotFoundError:
         raise ManifestError(path, [f"file not found: {path} (create one with `malmm-pipeline manifest` or `synth`)"]) from None
     except UnicodeDecodeError:
@@ -170,9 +176,10 @@ def read_manifest(path: str | Path, video_root: str | None = None, *, check_file
 
 def encoding_problems(path: str) -> list[str]:
     """Every line of a file that is not valid UTF-8 (line, byte offset, the bytes) and the fix."""
-    data = Path(path).read_bytes()
-    name = Path(path).name
-    fixed = f"{Path(path).stem}.utf8{Path(path).suffix}"
+    data = storage.read_bytes(path)
+    loc = storage.path(path)
+    name = loc.name
+    fixed = f"{loc.stem}.utf8{loc.suffix}"
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return [f"the file is UTF-16 (it starts with a UTF-16 byte-order mark), manifests must be UTF-8; "
                 f"re-save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {name} > {fixed}`"]
@@ -223,7 +230,11 @@ def _video_problem(video: str, roots: tuple[str, ...] | None, allow_outside_root
         except ValueError as e:
             return str(e)
     elif is_uri(video):
-        return None  # object-store URIs are not confined (yet)
+        try:
+            storage.check(video, "video")
+        except storage.StorageError as e:
+            return str(e)
+        return None  # object-store URIs are not confined to the video root
     elif posixpath.isabs(video):
         local = video
     else:
@@ -278,16 +289,27 @@ def local_video_path(video: str, video_root: str | None) -> str | None:
 
 
 def find_missing(video: pd.Series, video_root: str | None, only: set[str] | None = None) -> dict[int, str]:
-    """Row position → local path, for every row whose video file does not exist (each distinct video
-    looked up once; object-store URIs are not checked). ``video`` holds the stripped entries;
+    """Row position → local path or URI, for every row whose video file does not exist (each distinct
+    video looked up once; object-store videos by listing each folder once). ``video`` holds the stripped entries;
     ``only`` restricts the lookup to these entries."""
-    missing = {}
+    missing, listed = {}, {}
     for v in video.unique():
         if not v or (only is not None and v not in only):
             continue
         path = local_video_path(v, video_root)
-        if path is not None and not os.path.exists(path):
-            missing[v] = path
+        if path is not None:
+            if not os.path.exists(path):
+                missing[v] = path
+            continue
+        try:
+            uri = storage.path(resolve_video(v, video_root))
+        except storage.StorageError:
+            continue  # an unsupported scheme is a validation error, reported there
+        if storage.is_uri(uri):  # an object: each folder listed once, not one request per video
+            if uri.parent not in listed:
+                listed[uri.parent] = {p.name for p in storage.listdir(uri.parent, dirs=False)}
+            if uri.name not in listed[uri.parent]:
+                missing[v] = str(uri)
     if not missing:
         return {}
     values = video.to_numpy(dtype=object)

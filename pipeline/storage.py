@@ -465,13 +465,24 @@ def local_path(p: PathLike) -> Path:
     info = _info(q)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{q}: no such object")
-    root = cache_dir() / hashlib.sha256(str(q).encode()).hexdigest()[:24]
+    root = _cached(q)
     if info.type == pafs.FileType.File:
         return _fetch(q, info, root / q.name)
     for f in filesystem(q).get_file_info(pafs.FileSelector(q.key, recursive=True)):
         if f.type == pafs.FileType.File:
             _fetch(URI(f"{q.scheme}://{f.path}"), f, root / q.name / f.path[len(q.key):].lstrip("/"))
     return root / q.name
+
+
+def _cached(q: URI) -> Path:
+    return cache_dir() / hashlib.sha256(str(q).encode()).hexdigest()[:24]
+
+
+def evict(p: PathLike) -> None:
+    """Remove the local object-cache copy of ``p`` (an object-store URI; anything else: nothing to do)."""
+    q = path(p)
+    if isinstance(q, URI):
+        shutil.rmtree(_cached(q), ignore_errors=True)
 
 
 def _fetch(q: URI, info, dest: Path) -> Path:

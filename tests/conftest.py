@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MALMM_SHARED", ROOT.parent / "shared"))
 
 
+#: where S3 requests go unless a test starts the S3 server: a closed port on this machine, so that no
+#: test can ever reach a real object store
+NO_S3 = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "none", "AWS_SECRET_ACCESS_KEY": "none",
+         "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+for _k, _v in NO_S3.items():
+    os.environ[_k] = _v
+
+
 @pytest.fixture(scope="session", autouse=True)
 def malmm_home(tmp_path_factory):
     """Every test session builds its own tiny default model (never the user's cache)."""
@@ -32,7 +40,9 @@ def tiny_model(malmm_home):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
+    """An embedded Ray cluster for the session; started after the S3 server so that its workers
+    see the server's settings."""
     import ray
 
     from pipeline.runtime import init_ray
@@ -67,15 +77,10 @@ def s3_server(tmp_path_factory):
     (workers of an embedded Ray cluster inherit them)."""
     from tests.s3server import S3Server
     server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
-    saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     yield server
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    os.environ.update(NO_S3)
 
 
 @pytest.fixture

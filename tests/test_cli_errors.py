@@ -110,3 +110,15 @@ def test_through_the_real_entry_point(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: --seconds 8 is too short: a video needs at least 12 s (6 events of 8 frames at 4 fps)"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["extract", "--manifest", "m.csv", "--out", "hdfs://nn/feats"], ["--out", "unsupported storage scheme 'hdfs://'"]),
+    (["train", "--features", "ftp://h/feats"], ["--features", "unsupported storage scheme 'ftp://'"]),
+    (["infer", "--checkpoint", "http://h/run", "--features", "f"], ["--checkpoint", "unsupported storage scheme"]),
+    (["report", "azure://c/run"], ["--runs", "unsupported storage scheme 'azure://'"]),
+])
+def test_unsupported_storage_scheme_is_refused_at_validation(args, words):
+    """Named by its option before anything runs: never a "missing file" later."""
+    line = one_red_line(run(*args), *words)
+    assert "s3://bucket/path" in line and "not found" not in line

@@ -353,3 +353,21 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_object_store_video_decodes_like_the_local_file(tmp_path, bucket, monkeypatch):
+    """An s3:// video is fetched into the object cache, decoded bit-identically, and released after."""
+    from pipeline import storage
+    monkeypatch.setenv("MALMM_CACHE", str(tmp_path / "cache"))
+    local = make_video(tmp_path / "v.mp4", 40, fps=10)
+    uri = f"{bucket}/videos/v.mp4"
+    storage.upload(local, uri)
+    assert probe(uri, timeout_s=None) == probe(local, timeout_s=None)
+    a, b = read_frames(uri, [0, 7, 39], timeout_s=60), read_frames(local, [0, 7, 39], timeout_s=60)
+    assert np.array_equal(a.frames, b.frames)
+    assert any((tmp_path / "cache").rglob("v.mp4"))
+    D.release(uri)
+    assert not any((tmp_path / "cache").rglob("v.mp4"))
+    with pytest.raises(DecodeError) as e:
+        probe(f"{bucket}/videos/gone.mp4", timeout_s=None)
+    assert e.value.reason == "missing"

@@ -174,13 +174,29 @@ def test_every_video_missing_is_refused_before_anything_runs(tmp_path):
     assert not out.exists()
 
 
-def test_check_files_reports_every_missing_file(tmp_path):
+def test_check_files_reports_every_missing_file(tmp_path, bucket):
     (tmp_path / "ok.mp4").write_bytes(b"x")
+    from pipeline import storage
+    storage.write_bytes(f"{bucket}/v/yes.mp4", b"x")
     probs = _problems(write(tmp_path, "a,coin,,train,ok.mp4,y,,,\nb,coin,,train,no1.mp4,y,,,\n"
-                                      "c,coin,,train,s3://b/no.mp4,y,,,\nd,coin,,train,no2.mp4,y,,,\n"),
+                                      f"c,coin,,train,{bucket}/v/no.mp4,y,,,\nd,coin,,train,no2.mp4,y,,,\n"
+                                      f"e,coin,,train,{bucket}/v/yes.mp4,y,,,\n"),
                       str(tmp_path), check_files=True)
     assert probs == [f"line 3 (row 2): video file not found: {tmp_path / 'no1.mp4'}",
+                     f"line 4 (row 3): video file not found: {bucket}/v/no.mp4",
                      f"line 5 (row 4): video file not found: {tmp_path / 'no2.mp4'}"]
+
+
+def test_unsupported_video_scheme_is_a_validation_error(tmp_path):
+    probs = _problems(write(tmp_path, "a,coin,,train,hdfs://nn/x.mp4,y,,,\n"), str(tmp_path))
+    assert len(probs) == 1 and "line 2" in probs[0] and "unsupported storage scheme 'hdfs://'" in probs[0]
+
+
+def test_manifest_in_an_object_store(tmp_path, bucket):
+    from pipeline import storage
+    storage.write_bytes(f"{bucket}/m.csv", write(tmp_path, "a,coin,,train,x.mp4,y,,,\n").read_bytes())
+    m = read_manifest(f"{bucket}/m.csv", f"{bucket}/videos")
+    assert resolve_video(m.df.video.iat[0], f"{bucket}/videos") == f"{bucket}/videos/x.mp4"
 
 
 # ----------------------------------------------------------------------------- encodings

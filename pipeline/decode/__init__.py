@@ -89,7 +89,10 @@ so every strategy returns the same pictures for a damaged file. A file whose hea
 which none decodes raises ``frame_count_mismatch``; one that declares none and has none raises
 ``zero_frames``.
 
-Error reasons: ``missing`` (no such path), ``empty`` (0 bytes), ``not_video`` (not a media file FFmpeg
+A video may be a local path, a ``file://`` URI or an object-store URI (``s3://``, ``gs://``): an
+object is fetched into the local object cache first (:func:`release` drops that copy).
+
+Error reasons: ``missing`` (no such path or object), ``empty`` (0 bytes), ``not_video`` (not a media file FFmpeg
 recognises, no video stream, or a still image / text format), ``truncated`` (an MP4 whose boxes run
 past the end of the file or that lacks its index), ``zero_frames``, ``frame_count_mismatch``,
 ``timeout`` (the watchdog killed the decoder; final, no fallback: ``timeout_s`` covers the whole call),
@@ -98,7 +101,9 @@ past the end of the file or that lacks its index), ``zero_frames``, ``frame_coun
 from pipeline.decode.api import DECODERS, DEFAULT_THREADS, DEFAULT_TIMEOUT_S, probe, read_frames
 from pipeline.decode.faults import Fault
 from pipeline.decode.plan import SEEK_GAP, STRATEGIES, plan_segments
+from pipeline.decode.probe import release
 from pipeline.decode.results import REASONS, DecodedFrames, DecodeError, VideoInfo
 
 __all__ = ["DECODERS", "DEFAULT_THREADS", "DEFAULT_TIMEOUT_S", "REASONS", "SEEK_GAP", "STRATEGIES", "DecodeError",
-           "DecodedFrames", "Fault", "VideoInfo", "plan_segments", "probe", "read_frames"]
+           "DecodedFrames", "Fault", "VideoInfo", "plan_segments", "probe", "read_frames",
+           "release"]

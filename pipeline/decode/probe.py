@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.decode.results import DecodeError, VideoInfo
 
 # demuxers that read a still picture or text, not a video ("*_pipe" are single-image demuxers too);
@@ -20,12 +21,29 @@ IMAGE_FORMATS = ("image2", "tty")
 
 
 def normalise_path(path) -> str:
+    """The local file to decode: a path made absolute, a ``file://`` URI's path, or for an object-store
+    URI (``s3://``, ``gs://``) its copy in the local object cache (`pipeline.storage.local_path`,
+    fetched once, again only when the object changes; :func:`release` removes it)."""
     p = os.fspath(path)
     if isinstance(p, bytes):
         p = p.decode()
+    if storage.is_uri(p):
+        try:
+            return str(storage.local_path(p))
+        except FileNotFoundError:
+            raise DecodeError("missing", p, "no such object") from None
+        except storage.StorageError as e:
+            raise DecodeError("missing", p, str(e)) from None
     if p.startswith("file://"):
         p = p[len("file://"):]
     return os.path.abspath(p)
+
+
+def release(path) -> None:
+    """Drop the local copy of an object-store video once it is decoded (a local file is left alone)."""
+    p = os.fspath(path)
+    if storage.is_uri(p):
+        storage.evict(p)
 
 
 def precheck(path: str) -> None:
