@@ -53,10 +53,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
                       # bars; warnings and errors still reach the driver
                       logging_config=ray.LoggingConfig(log_level="WARNING"))
         record = None
+        kwargs["runtime_env"] = runtime_env(address)
         if address is None:
             kwargs["num_cpus"] = num_cpus
-            # keep the project importable by workers of the embedded cluster
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _project_root()}}
             record = begin_record()  # before ray.init: a kill during start-up leaves a record too
         ray.init(**kwargs)
         if record is not None:
@@ -65,6 +64,27 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> dict
         ctx.enable_progress_bars = False  # the stages draw their own progress bar
         ctx.print_on_execution_start = False
     return ray.cluster_resources()
+
+
+#: ``MALMM_SHIP_CODE=0``: the nodes of an ``--address`` cluster already have the project installed
+SHIP_CODE_ENV = "MALMM_SHIP_CODE"
+
+
+def runtime_env(address: str | None) -> dict:
+    """The job's Ray runtime environment. Every worker gets this process's storage settings
+    (``AWS_ENDPOINT_URL``, credentials …: `pipeline.storage.cluster_env`), so that it reaches the same
+    object store. Workers of the embedded cluster import the project from this checkout
+    (``PYTHONPATH``); on an existing cluster (``--address``, ``RAY_ADDRESS``) the ``pipeline`` and
+    ``stages`` packages are shipped to the nodes as ``py_modules`` (Ray uploads them once per content
+    hash), so nodes need only the dependencies, not the project — unless ``MALMM_SHIP_CODE=0``."""
+    env: dict = {"env_vars": storage.cluster_env()}
+    if address is None:
+        env["env_vars"]["PYTHONPATH"] = _project_root()
+    elif os.environ.get(SHIP_CODE_ENV, "1") != "0":
+        root = Path(__file__).resolve().parents[1]
+        env["py_modules"] = [str(root / "pipeline"), str(root / "stages")]
+        env["excludes"] = ["__pycache__", "*.pyc"]
+    return env
 
 
 def _project_root() -> str:

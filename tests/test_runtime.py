@@ -175,3 +175,16 @@ def test_a_driver_killed_while_ray_starts_is_reaped_by_its_tag(tmp_path, monkeyp
         for p in (orphan, kept, live_driver):
             if p.poll() is None:
                 p.kill()
+
+
+def test_runtime_env_ships_the_project_and_the_storage_settings(monkeypatch):
+    from pipeline.runtime import runtime_env
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9999")
+    local = runtime_env(None)
+    assert local["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9999" and "PYTHONPATH" in local["env_vars"]
+    assert "py_modules" not in local
+    remote = runtime_env("ray://head:10001")
+    assert [os.path.basename(m) for m in remote["py_modules"]] == ["pipeline", "stages"]
+    assert remote["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9999" and "PYTHONPATH" not in remote["env_vars"]
+    monkeypatch.setenv("MALMM_SHIP_CODE", "0")
+    assert "py_modules" not in runtime_env("ray://head:10001")
