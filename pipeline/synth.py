@@ -477,7 +477,7 @@ def _write_videos(out_dir: str, videos: list[dict], gop: int) -> list[int]:
     """Render and encode a batch of planned videos (runs in a worker process)."""
     sizes = []
     for v in videos:
-        path = Path(out_dir) / v["video"]
+        path = storage.path(out_dir) / v["video"]
         sizes.append(_encode(path, render_frames(v), v["fps"], gop))
     return sizes
 
@@ -524,7 +524,7 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
     whatever the number of workers.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = storage.path(out_dir)  # a local folder or an object-store URI
     planned = plan(videos, seconds=seconds, seed=seed, fps=fps, size=size, test_fraction=test_fraction,
                    events=events, anticipation_sec=anticipation_sec)
     storage.makedirs(out / "videos")
@@ -567,7 +567,7 @@ def generate(out_dir, *, videos: int = DEFAULT_VIDEOS, seconds: float = DEFAULT_
 
 def read_events(out_dir) -> list[dict]:
     """The ground truth written by :func:`generate` (one dict per video, as :func:`plan` returns)."""
-    text = storage.read_text(Path(out_dir) / "events.jsonl", encoding="utf-8")
+    text = storage.read_text(storage.path(out_dir) / "events.jsonl", encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -278,3 +278,15 @@ def test_frame_corpus_pairs_answer_the_drawn_object():
 def test_too_short_videos_are_refused_with_a_clear_message(tmp_path):
     with pytest.raises(ValueError, match="frames"):
         synth.generate(tmp_path, videos=2, seconds=2, workers=1, progress=False)
+
+
+def test_generate_into_an_object_store_gives_the_same_bytes(tmp_path, bucket):
+    from pipeline import storage
+    synth.generate(tmp_path / "local", videos=3, seconds=12, seed=5, workers=1, progress=False)
+    res = synth.generate(f"{bucket}/synth", videos=3, seconds=12, seed=5, workers=1, progress=False)
+    assert str(res.manifest) == f"{bucket}/synth/manifest.csv"
+    local = {p.relative_to(tmp_path / "local").as_posix(): p.read_bytes()
+             for p in (tmp_path / "local").rglob("*") if p.is_file()}
+    remote = {str(p)[len(f"{bucket}/synth/"):]: storage.read_bytes(p) for p in storage.walk_files(f"{bucket}/synth")}
+    assert remote == local and len(local) == 5
+    assert synth.read_events(f"{bucket}/synth") == synth.read_events(tmp_path / "local")
