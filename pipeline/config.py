@@ -35,6 +35,8 @@ class ExtractConfig:
     num_gpus: float | None = None  # GPUs per vision actor; default: 1 when the cluster has GPUs, else 0
     decode_cpus: float = 1.0  # CPUs per decode task (equal to the vision actor's: Ray Data then fuses decoding into the actor, measured faster on 2 CPUs than a separate decode pool)
     decode_timeout: float = 300.0  # seconds before the watchdog kills a decode
+    videos_per_task: int = 4  # videos per decode / encode / write task (amortises Ray's per-task cost)
+    shard_writers: int = 2  # shard writer actors (shard s belongs to writer s mod N)
     strict: bool = False  # exit non-zero when any unit failed
     retry_failed: bool = False  # re-try units that failed in an earlier run
     address: str | None = None  # Ray cluster address; default $RAY_ADDRESS or a local cluster

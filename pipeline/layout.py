@@ -6,7 +6,6 @@ Features folder (written by ``extract``)::
 
     shard-NNNNNN.tar  shard-NNNNNN.stats.json   (stats written last: the shard is complete)
     index.parquet  ledger.parquet  extract.json
-    _staging/{vid}.tar  _staging/{vid}.json      (per-video staging; the JSON marks it staged)
     malmm.lock
 
 Run folder (``train`` / ``infer``)::
@@ -38,7 +37,6 @@ STATS_GLOB = "shard-*" + STATS_SUFFIX
 INDEX = "index.parquet"
 LEDGER = "ledger.parquet"
 EXTRACT_PLAN = "extract.json"
-STAGING = "_staging"
 
 
 def shard_name(shard: int) -> str:
@@ -64,19 +62,6 @@ def ledger_path(features_dir) -> Path:
 
 def plan_path(features_dir) -> Path:
     return _location(features_dir) / EXTRACT_PLAN
-
-
-def staging_dir(features_dir) -> Path:
-    return _location(features_dir) / STAGING
-
-
-def staged_tar(features_dir, vid: str) -> Path:
-    return staging_dir(features_dir) / f"{vid}.tar"
-
-
-def staged_ledger(features_dir, vid: str) -> Path:
-    """The staged video's ledger rows; written last, it marks the video staged."""
-    return staging_dir(features_dir) / f"{vid}.json"
 
 
 # ---------------------------------------------------------------- run folder

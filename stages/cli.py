@@ -117,6 +117,8 @@ def extract(
     vision_workers: Optional[int] = typer.Option(None, "--vision-workers", help="Vision-model actors (one GPU each when there are GPUs)."),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per vision actor (default: 1 if the cluster has GPUs, else 0)."),
     decode_timeout: Optional[float] = typer.Option(None, "--decode-timeout", help="Seconds before the decode watchdog kills a video."),
+    videos_per_task: Optional[int] = typer.Option(None, "--videos-per-task", help="Videos per decode / encode / write task (default 4)."),
+    shard_writers: Optional[int] = typer.Option(None, "--shard-writers", help="Shard writer actors (default 2)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored feature dtype (float16 or float32)."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Exit 1 when any unit failed."),
     retry_failed: Optional[bool] = typer.Option(None, "--retry-failed", help="Re-try units that failed in an earlier run."),
@@ -132,7 +134,8 @@ def extract(
     cfg = resolve(ExtractConfig, "extract", config, manifest=manifest, video_root=video_root,
                   allow_outside_root=allow_outside_root, out=out, model=model,
                   sampling=sampling, shard_size=shard_size, batch_size=batch_size, vision_workers=vision_workers,
-                  num_gpus=num_gpus, decode_timeout=decode_timeout, dtype=dtype, strict=strict,
+                  num_gpus=num_gpus, decode_timeout=decode_timeout, videos_per_task=videos_per_task,
+                  shard_writers=shard_writers, dtype=dtype, strict=strict,
                   retry_failed=retry_failed, dry_run=dry_run, address=address)
     if not cfg.manifest:
         _fail("error: --manifest is required (or set manifest in the [extract] table of --config)")
@@ -294,9 +297,9 @@ def status(path: Path = typer.Argument(..., help="A features folder (from extrac
         plan = storage.read_json(layout.plan_path(path), {}, missing_ok=True)
         typer.echo(f"{path}: {len(shards)} shard(s), {len(ledger)} units: "
                    f"{(ledger.status == 'ok').sum()} ok, {(ledger.status != 'ok').sum()} failed")
-        staging = storage.listdir(layout.staging_dir(path), "*.json") if storage.exists(layout.staging_dir(path)) else []
-        if staging:
-            typer.echo(f"  unfinished run: {len(staging)} video(s) staged; re-run extract to finish")
+        complete = len(storage.listdir(path, layout.STATS_GLOB))
+        if plan.get("shards") and complete < plan["shards"]:
+            typer.echo(f"  unfinished run: {complete} of {plan['shards']} shard(s) complete; re-run extract to finish")
         bad = ledger[ledger.status != "ok"]
         for reason, n in bad.reason.value_counts().items():
             typer.echo(f"  {reason}: {n}  e.g. {bad[bad.reason == reason].video.iloc[0]}")

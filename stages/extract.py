@@ -2,39 +2,44 @@
 
 The flow, top to bottom (the README's architecture section):
 
-1. **plan** – validate the manifest (with the root rule: every local video inside the
+1. **plan** (driver) – validate the manifest (with the root rule: every local video inside the
    video root unless ``allow_outside_root``), turn its samples into *extraction units*
    (one per distinct (video, clip, sampling policy); LVU's overlapping windows all
    map to one 1 fps unit of the whole video), give each unit a content-hash key and
-   assign units to shards by sorted key. Shards already complete are skipped, and so
-   are videos whose results were staged by an interrupted run. Video files still to process
-   that do not exist are listed, all at once with their manifest lines (a dry run too); their
-   units end as failed ``missing`` ledger rows, and when every one is missing nothing runs.
-2. **decode** (Ray Data CPU tasks, one per video) – probe the video, compute every
-   unit's frame indices, decode the union of those frames once under a watchdog.
+   assign units to shards by sorted key. Shards already complete are skipped. Video files
+   still to process that do not exist are listed, all at once with their manifest lines (a dry
+   run too); their units end as failed ``missing`` ledger rows, and when every one is missing
+   nothing runs.
+2. **decode** (Ray Data CPU tasks, a few videos per task) – probe each video, compute every
+   unit's frame indices, decode the union of those frames once under a watchdog (an
+   object-store video is fetched into the local object cache and dropped once decoded).
 3. **encode** (Ray Data actor pool, GPU when there is one) – the frozen vision model;
    features are the hidden states before its final layer norm.
-4. **stage** (Ray Data CPU tasks) – each video's unit samples are written to
-   ``_staging/`` atomically, with a ledger row per unit.
-5. **finalize** (driver) – every shard whose videos are all staged is assembled in
-   key order into ``shard-NNNNNN.tar`` (+ ``.stats.json`` beside it), then
-   ``index.parquet`` and ``ledger.parquet`` are rewritten.
+4. **write** (Ray Data CPU tasks → shard writer actors, `pipeline.shard_writer`) – each unit's
+   sample goes straight to the writer owning its shard, which spills it to local scratch and
+   writes the shard (key order, fixed tar headers, ``stats.json`` last) the moment its last unit
+   arrives. Videos are processed in the order of the first shard they feed, so shards complete
+   one after another. The driver handles metadata only; it ends by rewriting ``index.parquet``
+   and ``ledger.parquet`` from the shards' stats.
 
-Because a video is always computed whole and shards are assembled in key order
-with fixed tar headers, a killed run resumed later ends byte-identical to an
-uninterrupted one; a finished run re-run decodes and encodes nothing.
+No stage holds more than a few videos: decode, encode and write tasks take a few videos each,
+and a writer holds one sample in memory at a time. Because a shard's bytes do not depend on the
+order its samples arrived in, a killed run resumed later ends byte-identical to an
+uninterrupted one (it computes again only the units of shards it had not finished); a
+finished run re-run decodes and encodes nothing. ``--retry-failed`` reopens the shards holding
+failed units: their ok samples are carried over from the shard, only the failed ones computed.
 
-Integrity (the README's architecture section, data contracts): each sample's JSON
-carries the checksums of its arrays and each shard's stats those of every member,
-which `train` and `infer` verify on read; a staged video whose arrays no longer match
-its JSON is computed again. While it writes, a run holds the output folder's lock
-(`pipeline.lock`): a second extract into the same folder is refused at once, a lock
-left by a killed run is taken over.
+Integrity (the README's architecture section, data contracts): each sample's JSON carries
+the checksums of its arrays and each shard's stats those of every member, which `train` and
+`infer` verify on read. While it writes, a run holds the output folder's lock
+(`pipeline.lock`): a second extract into the same folder is refused at once, a lock left by a
+killed run is taken over.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -56,9 +61,6 @@ from pipeline.runtime import cluster_has_gpus, init_ray
 from pipeline.sampling import SamplingPolicy, frame_indices
 from pipeline.units import Unit, plan_units
 from pipeline.vision import CLIP_MEAN, CLIP_STD, model_identity, pixel_values, pre_layernorm_features
-
-STAGING = layout.STAGING
-
 
 # ----------------------------------------------------------------------------- plan
 
@@ -88,27 +90,12 @@ def _report_missing(manifest: Manifest, video_root: str | None, todo: list[Unit]
           file=sys.stderr, flush=True)
 
 
-def _units_to_do(out: Path, units: list[Unit], retry_failed: bool) -> list[Unit]:
-    """The units a run would process, from what ``out`` holds (read only, before anything is written):
-    those of unfinished shards not staged yet, and with ``retry_failed`` those that failed."""
-    retry: set[str] = set()
-    if retry_failed:
-        for stats in storage.listdir(out, layout.STATS_GLOB):
-            retry |= {r["key"] for r in storage.read_json(stats)["ledger"] if r["status"] != "ok"}
-    done = {s: shard_done(out, s) for s in {u.shard for u in units}}
-    return [u for u in units if u.key in retry or not (done[u.shard] or staged(out, video_id(u.source)))]
-
-
 def video_id(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()[:16]
 
 
 def shard_done(out: Path, shard: int) -> bool:
     return storage.exists(layout.shard_stats_path(out, shard))
-
-
-def staged(out: Path, vid: str) -> bool:
-    return storage.exists(layout.staged_ledger(out, vid))
 
 
 # ----------------------------------------------------------------------------- decode
@@ -142,9 +129,18 @@ def decode_video(item: dict) -> dict:
     except Exception as e:  # every failure becomes a typed ledger row, never a crashed run
         row["error_reason"] = getattr(e, "reason", "decode_error")
         row["error_message"] = f"{type(e).__name__}: {e}"[:2000]
+    finally:
+        decode.release(item["source"])  # an object-store video's local copy goes as soon as it is decoded
     row.setdefault("frame_index", np.zeros(0, np.int64))
     row["decode_s"] = time.perf_counter() - t0
     return row
+
+
+def decode_videos(batch: dict) -> dict:
+    """Ray Data task: :func:`decode_video` over a few videos (one task per batch, not per video)."""
+    rows = [decode_video({k: batch[k][i] for k in batch}) for i in range(len(batch["vid"]))]
+    return {k: _object_column([r[k] for r in rows]) if k in ("frames", "frame_index")
+            else np.array([r[k] for r in rows]) for k in rows[0]}
 
 
 # ----------------------------------------------------------------------------- encode
@@ -198,21 +194,23 @@ def _object_column(arrays: list) -> np.ndarray:
     return col
 
 
-# ----------------------------------------------------------------------------- stage
+# ----------------------------------------------------------------------------- write
 
-def stage_video(row: dict, out: str, dtype: str, image_size: int) -> dict:
-    """Ray Data task: write one video's unit samples and ledger rows to the staging folder."""
+def unit_samples(row: dict, dtype: str, image_size: int) -> list[tuple[dict, list[tuple[str, bytes]]]]:
+    """One video's units as (ledger row, tar members) pairs: a failed video gives failed rows and no members."""
     units = json.loads(row["units"])
     info = json.loads(row["info"])
     model = json.loads(row["model"])
-    members, ledger = [], []
     feats = row["features"]
     pos = {int(f): i for i, f in enumerate(row["frame_index"])}
+    out = []
     for u in units:
         rec = {"key": u["key"], "video": u["video"], "start_sec": u["start_sec"], "end_sec": u["end_sec"],
                "policy": u["policy"], "shard": u["shard"], "n_samples": len(u["sample_ids"]),
+               "sample_ids": json.dumps(u["sample_ids"]),
                "decode_s": float(row["decode_s"]), "encode_s": float(row["encode_s"]),
                "status": "ok", "reason": "", "message": "", "num_frames": 0}
+        members: list[tuple[str, bytes]] = []
         if row["error_reason"]:
             rec.update(status="failed", reason=row["error_reason"], message=row["error_message"])
         else:
@@ -223,86 +221,39 @@ def stage_video(row: dict, out: str, dtype: str, image_size: int) -> dict:
                     "sampling": u["policy"], "source": info, "vision_model": model, "dtype": dtype,
                     "image_size": image_size, "normalize": {"mean": CLIP_MEAN, "std": CLIP_STD},
                     "features": "vision hidden states before post_layernorm", "shape": list(x.shape)}
-            members += sh.sample_members(u["key"], x, idx, ts, meta)
+            members = sh.sample_members(u["key"], x, idx, ts, meta)
             rec["num_frames"] = int(len(idx))
-        ledger.append(rec)
-    sh.write_tar(layout.staged_tar(out, row["vid"]), members)
-    storage.write_json(layout.staged_ledger(out, row["vid"]), ledger)  # written last: marks the video staged
-    return {"vid": row["vid"], "ok": sum(r["status"] == "ok" for r in ledger),
-            "failed": sum(r["status"] != "ok" for r in ledger)}
+        out.append((rec, members))
+    return out
 
 
-# ----------------------------------------------------------------------------- finalize
+def write_samples(batch: dict, writers: list, dtype: str, image_size: int) -> dict:
+    """Ray Data task: send each unit's sample of a few videos to the writer owning its shard
+    (`pipeline.shard_writer`); only metadata comes back to the driver."""
+    import ray  # heavy: imported where the task runs
 
-def finalize(out: Path, units: list[Unit], vid_of: dict[str, str]) -> list[int]:
-    """Assemble every shard whose videos are all staged; return the shards written now.
-
-    A staged video whose arrays no longer match the checksums in their sample JSON (or whose
-    staged tar is unreadable) is unstaged with a message: its shard stays unfinished and the
-    next run computes that video again.
-    """
-    by_shard: dict[int, list[Unit]] = defaultdict(list)
-    for u in units:
-        by_shard[u.shard].append(u)
-    written = []
-    cache: dict[str, tuple[dict, dict]] = {}
-
-    def staged_video(vid):
-        if vid not in cache:
-            members = dict(sh.read_tar_members(layout.staged_tar(out, vid)))
-            ledger = {r["key"]: r for r in storage.read_json(layout.staged_ledger(out, vid))}
-            cache[vid] = (members, ledger)
-        return cache[vid]
-
-    for shard, us in sorted(by_shard.items()):
-        if shard_done(out, shard) or not all(staged(out, vid_of[u.key]) for u in us):
-            continue
-        members, ledger, sums, bad = [], [], {}, None
-        for u in sorted(us, key=lambda u: u.key):
-            try:
-                vmembers, vledger = staged_video(vid_of[u.key])
-                rec = dict(vledger[u.key], shard=shard, sample_ids=json.dumps(u.sample_ids))
-                if rec["status"] == "ok":
-                    mine = [(n, d) for n, d in sorted(vmembers.items()) if n.split(".", 1)[0] == u.key]
-                    sums[u.key] = _verified_checksums(layout.staged_tar(out, vid_of[u.key]), u.key, mine)
-                    members += mine
-            except (sh.ShardIntegrityError, KeyError, ValueError) as e:
-                bad = (vid_of[u.key], e)
-                break
-            ledger.append(rec)
-        if bad is not None:
-            vid, e = bad
-            storage.remove(layout.staged_ledger(out, vid))  # unstaged: the next run computes it again
-            storage.remove(layout.staged_tar(out, vid))
-            cache.pop(vid, None)
-            print(f"extract: staged video {vid} is unusable ({e}); shard {shard} left unfinished, re-run extract to "
-                  f"compute that video again", file=sys.stderr, flush=True)
-            continue
-        name = layout.shard_name(shard)
-        size = sh.write_tar(out / name, members)
-        stats = {"shard": name, "units": len(us), "ok": sum(r["status"] == "ok" for r in ledger),
-                 "failed": sum(r["status"] != "ok" for r in ledger),
-                 "frames": sum(r["num_frames"] for r in ledger), "bytes": size, "ledger": ledger,
-                 # every member's checksum, the JSON too: what train and infer verify each sample against
-                 "checksums": sums}
-        storage.write_json(out / layout.stats_name(name), stats)  # written last: marks the shard complete
-        written.append(shard)
-    return written
+    n = len(batch["vid"])
+    ok, failed, rss = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    shards_written = []
+    for i in range(n):
+        row = {k: batch[k][i] for k in batch}
+        calls = []
+        for rec, members in unit_samples(row, dtype, image_size):
+            w = writers[rec["shard"] % len(writers)]
+            calls.append(w.add.remote(rec["shard"], rec["key"], members, rec))
+            ok[i] += rec["status"] == "ok"
+            failed[i] += rec["status"] != "ok"
+        done = [s for written in ray.get(calls) for s in written]  # waits: at most a few videos in flight
+        shards_written.append(json.dumps(done))
+        rss[i] = peak_rss()
+    return {"vid": batch["vid"], "ok": ok, "failed": failed, "shards": np.array(shards_written, dtype=object),
+            "worker_rss": rss, "worker_pid": np.full(n, os.getpid())}
 
 
-def _verified_checksums(staged_tar: Path, key: str, members: list[tuple[str, bytes]]) -> dict[str, str]:
-    """Checksums of one staged sample's members, checked against those its JSON recorded when it was staged."""
-    sums = sh.member_checksums(members).get(key, {})
-    missing = [ext for ext in sh.MEMBERS if ext not in sums]
-    if missing:
-        raise sh.CorruptSampleError(staged_tar, key, f"{key}.{missing[0]}", "member missing")
-    meta = json.loads(dict(members)[f"{key}.json"])
-    if "checksums" not in meta:
-        raise sh.CorruptSampleError(staged_tar, key, f"{key}.json", "staged by an older version, without checksums")
-    for ext in sh.ARRAY_MEMBERS:
-        if meta.get("checksums", {}).get(ext) != sums[ext]:
-            raise sh.CorruptSampleError(staged_tar, key, f"{key}.{ext}", "checksum mismatch with the sample's JSON")
-    return sums
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (what the memory benchmark reads)."""
+    import resource  # POSIX only: imported on use
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def write_tables(out: Path) -> tuple[int, int]:
@@ -353,72 +304,100 @@ def run(cfg: ExtractConfig, *, progress: bool = True) -> ExtractResult:
 
 def _run(cfg: ExtractConfig, progress: bool, held: ExitStack) -> ExtractResult:
     t_start = time.perf_counter()
-    video_root = cfg.video_root if cfg.video_root is not None else str(Path(cfg.manifest).resolve().parent)
+    video_root = cfg.video_root if cfg.video_root is not None else str(storage.resolved(cfg.manifest).parent)
     manifest = read_manifest(cfg.manifest, video_root, allow_outside_root=cfg.allow_outside_root)
     units = plan_units(manifest, video_root, cfg.sampling, cfg.shard_size)
-    _report_missing(manifest, video_root, _units_to_do(Path(cfg.out), units, cfg.retry_failed))
-    out = Path(cfg.out)
+    out = storage.resolved(cfg.out)  # the workers of a cluster do not run in the driver's folder
+    todo, reopen = _work(out, units, cfg.retry_failed)
+    _report_missing(manifest, video_root, todo)
     if not cfg.dry_run:  # a dry run plans and checks only: it writes nothing
         storage.makedirs(out)
         held.enter_context(OutputLock(out, "extract"))  # one writer per folder, before anything is read or written
-    vid_of = {u.key: video_id(u.source) for u in units}
     n_shards = max(u.shard for u in units) + 1
-
-    if cfg.retry_failed and not cfg.dry_run:
-        _reopen_failed_shards(out, units, vid_of)
     _check_previous_plan(out, cfg, units, video_root, write=not cfg.dry_run)
 
-    pending: dict[str, list[Unit]] = defaultdict(list)
-    for u in units:
-        if not shard_done(out, u.shard) and not staged(out, vid_of[u.key]):
-            pending[vid_of[u.key]].append(u)
-    # a video is computed whole (all its units), so its frames are decoded and encoded once
+    # a video is computed whole (all its units still to do), so its frames are decoded and encoded once
     by_vid: dict[str, list[Unit]] = defaultdict(list)
-    for u in units:
-        if vid_of[u.key] in pending:
-            by_vid[vid_of[u.key]].append(u)
-    n_videos = len({vid_of[u.key] for u in units})
+    for u in todo:
+        by_vid[video_id(u.source)].append(u)
+    n_videos = len({video_id(u.source) for u in units})
     print(f"extract: {len(manifest)} samples → {len(units)} units in {n_videos} videos, {n_shards} shard(s); "
           f"{len(by_vid)} video(s) to process, {n_videos - len(by_vid)} already done", file=sys.stderr, flush=True)
     if cfg.dry_run:
         return ExtractResult(str(out), len(units), 0, 0, 0, n_videos - len(by_vid), n_shards, 0.0)
 
     if by_vid:
-        _process(cfg, out, by_vid, progress)
-    finalize(out, units, vid_of)
+        _process(cfg, out, units, by_vid, reopen, progress)
     ok, failed = write_tables(out)
-    complete = all(shard_done(out, s) for s in range(n_shards))
-    if complete:
-        storage.remove_tree(layout.staging_dir(out))
     ledger = storage.read_parquet(layout.ledger_path(out))
     failures = ledger[ledger.status != "ok"].reason.value_counts().to_dict()
     return ExtractResult(str(out), len(units), ok, failed, len(by_vid), n_videos - len(by_vid), n_shards,
                          time.perf_counter() - t_start, failures)
 
 
-def _process(cfg: ExtractConfig, out: Path, by_vid: dict[str, list[Unit]], progress: bool) -> None:
+def _work(out, units: list[Unit], retry_failed: bool) -> tuple[list[Unit], dict[int, dict]]:
+    """What a run has to compute, from what ``out`` holds (read only): the units of unfinished shards,
+    and with ``retry_failed`` the failed units of finished shards; those shards are *reopened*
+    (``{shard: its stats}``): their ok samples are carried over from the shard, not computed again."""
+    reopen: dict[int, dict] = {}
+    if retry_failed:
+        for path in storage.listdir(out, layout.STATS_GLOB):
+            stats = storage.read_json(path)
+            if stats["failed"]:
+                reopen[int(stats["ledger"][0]["shard"])] = stats
+    done = {s for s in {u.shard for u in units} if s not in reopen and shard_done(out, s)}
+    kept = {r["key"] for st in reopen.values() for r in st["ledger"] if r["status"] == "ok"}
+    return [u for u in units if u.shard not in done and u.key not in kept], reopen
+
+
+def _process(cfg: ExtractConfig, out, units: list[Unit], by_vid: dict[str, list[Unit]], reopen: dict[int, dict],
+             progress: bool) -> None:
+    """decode → encode → write over the videos to process, on Ray Data; shard writers are Ray actors."""
     import ray  # heavy: imported on use (keeps the CLI's start-up fast)
+
+    from pipeline.shard_writer import ShardWriter
 
     model_dir = str(resolve_model_dir(cfg.model))
     image_size = _image_size(model_dir)
     init_ray(cfg.address)
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cluster_has_gpus() else 0)
-    items = [{"vid": vid, "source": us[0].source, "timeout": cfg.decode_timeout, "image_size": image_size,
-              "units": json.dumps([{**asdict(u)} for u in us])} for vid, us in sorted(by_vid.items())]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-    ds = ds.map(decode_video, num_cpus=cfg.decode_cpus)
+    open_shards = sorted({u.shard for us in by_vid.values() for u in us} | set(reopen))
+    n_writers = max(1, min(cfg.shard_writers, len(open_shards)))
+    expected: list[dict[int, list[str]]] = [{} for _ in range(n_writers)]
+    for u in units:
+        if u.shard in open_shards:
+            expected[u.shard % n_writers].setdefault(u.shard, []).append(u.key)
+    Writer = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+    writers = [Writer.remote(str(out), exp, i) for i, exp in enumerate(expected)]
+    ray.get([writers[s % n_writers].adopt.remote(s, st) for s, st in sorted(reopen.items())])
+    # videos in the order of the first shard they feed: shards complete one after another, not all at the end
+    order = sorted(by_vid, key=lambda vid: (min(u.shard for u in by_vid[vid]), vid))
+    items = [{"vid": vid, "source": by_vid[vid][0].source, "timeout": cfg.decode_timeout, "image_size": image_size,
+              "units": json.dumps([asdict(u) for u in by_vid[vid]])} for vid in order]
+    per = max(1, cfg.videos_per_task)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(1000, -(-len(items) // per))))
+    ds = ds.map_batches(decode_videos, batch_size=per, num_cpus=cfg.decode_cpus, batch_format="numpy")
     ds = ds.map_batches(VisionEncoder, fn_constructor_kwargs={"model_dir": model_dir, "batch_size": cfg.batch_size,
                                                               "dtype": cfg.dtype},
-                        batch_size=1, concurrency=cfg.vision_workers, num_gpus=num_gpus, batch_format="numpy")
-    ds = ds.map(stage_video, fn_kwargs={"out": str(out.resolve()), "dtype": cfg.dtype, "image_size": image_size})
+                        batch_size=per, concurrency=cfg.vision_workers, num_gpus=num_gpus, batch_format="numpy")
+    ds = ds.map_batches(write_samples, batch_size=per, batch_format="numpy",
+                        fn_kwargs={"writers": writers, "dtype": cfg.dtype, "image_size": image_size})
     bar = tqdm(total=len(items), unit="video", desc="extract", disable=not progress, file=sys.stderr)
-    ok = failed = 0
+    ok = failed = shards = 0
     for r in ds.iter_rows():
-        ok += r["ok"]
-        failed += r["failed"]
+        ok += int(r["ok"])
+        failed += int(r["failed"])
+        shards += len(json.loads(r["shards"]))
         bar.update(1)
-        bar.set_postfix(ok=ok, failed=failed)
+        bar.set_postfix(ok=ok, failed=failed, shards=f"{shards}/{len(open_shards)}")
     bar.close()
+    left = {s: n for p in ray.get([w.pending.remote() for w in writers]) for s, n in p.items()}
+    ray.get([w.close.remote() for w in writers])
+    for w in writers:
+        ray.kill(w)
+    if left:
+        raise RuntimeError(f"extract: shard(s) {sorted(left)} still miss units after every video was processed "
+                           f"({left}); re-run extract to finish them")
 
 
 def _image_size(model_dir: str) -> int:
@@ -426,27 +405,17 @@ def _image_size(model_dir: str) -> int:
     return int(cfg.get("vision_config", cfg).get("image_size", 224))
 
 
-def _reopen_failed_shards(out: Path, units: list[Unit], vid_of: dict[str, str]) -> None:
-    for stats in storage.listdir(out, layout.STATS_GLOB):
-        s = storage.read_json(stats)
-        if s["failed"]:
-            storage.remove(stats)
-            failed_keys = {r["key"] for r in s["ledger"] if r["status"] != "ok"}
-            for u in units:
-                if u.key in failed_keys:
-                    storage.remove(layout.staged_ledger(out, vid_of[u.key]))
-
-
 def _check_previous_plan(out: Path, cfg: ExtractConfig, units: list[Unit], video_root: str | None, *,
                          write: bool = True) -> None:
     """Refuse to mix shards of a different plan (other manifest, shard size or policy) into one folder."""
     plan = {"video_root": str(Path(video_root).resolve()) if video_root and "://" not in video_root else video_root,
             "shard_size": cfg.shard_size, "units": hashlib.sha1("".join(u.key for u in units).encode()).hexdigest(),
-            "model": cfg.model, "dtype": cfg.dtype, "sampling": cfg.sampling}
+            "model": cfg.model, "dtype": cfg.dtype, "sampling": cfg.sampling,
+            "shards": max(u.shard for u in units) + 1}  # derived from units and shard_size: never compared
     path = layout.plan_path(out)
     if storage.exists(path):
         prev = storage.read_json(path)
-        diff = [k for k in plan if k != "video_root" and prev.get(k) != plan[k]]
+        diff = [k for k in plan if k not in ("video_root", "shards") and prev.get(k) != plan[k]]
         if diff:
             raise ValueError(f"{out} holds shards of a different extraction ({', '.join(diff)} changed); "
                              f"use another --out or delete {out}")

@@ -1,6 +1,7 @@
 """The extract stage end to end on a small synthetic benchmark: shards, index, ledger, resume, faults."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -149,7 +150,8 @@ def test_cli_strict_and_summary(tmp_path, synth_small, tiny_model):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(tmp_path, synth_small, features_small, tiny_model):
-    """kill -9 in the middle of a run, re-run: the same shard bytes as the uninterrupted run."""
+    """kill -9 in the middle of a run, re-run: the same shard bytes as the uninterrupted run; the
+    shards the killed run finished are kept and only the videos of the others are computed again."""
     out = tmp_path / "feat"
     cmd = [sys.executable, "-m", "stages", "extract", "--manifest", str(synth_small / "manifest.csv"),
            "--out", str(out), "--shard-size", "8"]
@@ -159,23 +161,51 @@ def test_kill_and_resume_is_byte_identical(tmp_path, synth_small, features_small
     proc = subprocess.Popen(cmd, env=slow, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "_staging").glob("*.json"))) < 3:
-        time.sleep(0.2)
+    while time.time() < deadline and not list(out.glob("shard-*.stats.json")):
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    staged = len(list((out / "_staging").glob("*.json")))
-    assert 3 <= staged < 16, "the kill should land mid-run"
+    time.sleep(1.0)
+    finished = {p.name for p in out.glob("shard-*.stats.json")}
+    assert 1 <= len(finished) < 4, "the kill should land mid-run, after a shard is complete"
+    kept = {n: (out / n).read_bytes() for n in finished}
+    ledger = pd.read_parquet(features_small / "ledger.parquet")
+    unfinished = ledger[~ledger.shard_file.str.replace(".tar", ".stats.json").isin(finished)]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    # the re-run keeps what the killed run staged (at least those; its Ray workers may have staged more
-    # before they were reaped) and computes only the rest
     counts = re.search(r"(\d+) video\(s\) to process, (\d+) already done", r.stderr)
     assert counts, r.stderr[-2000:]
     todo, done = int(counts[1]), int(counts[2])
-    assert todo + done == 16 and done >= staged, (todo, done, staged)
+    # only the videos feeding an unfinished shard are computed again
+    assert todo == unfinished.video.nunique() and todo + done == 16, (todo, done, len(finished))
     assert "taking over the stale lock" in r.stderr  # the killed run's lock file was left behind
     assert shard_bytes(out) == shard_bytes(features_small)
+    assert {n: (out / n).read_bytes() for n in finished} == kept  # finished shards were not written again
     assert not (out / "malmm.lock").exists()  # released at the end
+
+
+def test_retry_failed_recomputes_only_the_failed_units(tmp_path, synth_small, tiny_model, ray_local):
+    """--retry-failed reopens a shard with a failed unit: its ok samples are carried over, the failed
+    one is computed now that its video is there, and the shard equals a clean extraction's."""
+    import shutil
+
+    videos = sorted((synth_small / "videos").glob("*.mp4"))[:3]
+    (tmp_path / "v").mkdir()
+    for v in videos[:2]:
+        shutil.copy(v, tmp_path / "v" / v.name)
+    m = tmp_path / "v" / "m.csv"
+    m.write_text("sample_id,benchmark,task,split,video,answer\n"
+                 + "".join(f"s{i},synthetic,first_color,train,{v.name},red\n" for i, v in enumerate(videos)))
+    cfg = ExtractConfig(manifest=str(m), out=str(tmp_path / "feat"))
+    res = extract.run(cfg, progress=False)
+    assert (res.ok, res.failed, res.failures) == (2, 1, {"missing": 1})
+    shutil.copy(videos[2], tmp_path / "v" / videos[2].name)
+    again = extract.run(cfg, progress=False)
+    assert again.processed_videos == 0 and again.failed == 1  # without the flag, a failure stays recorded
+    res = extract.run(dataclasses.replace(cfg, retry_failed=True), progress=False)
+    assert (res.ok, res.failed, res.processed_videos) == (3, 0, 1)
+    clean = extract.run(dataclasses.replace(cfg, out=str(tmp_path / "clean")), progress=False)
+    assert clean.ok == 3 and shard_bytes(tmp_path / "feat") == shard_bytes(tmp_path / "clean")
 
 
 @pytest.mark.slow
@@ -208,25 +238,73 @@ def test_dry_run_plans_without_writing(synth_small, tmp_path):
     assert res.units > 0 and res.ok == 0 and not out.exists()
 
 
-def test_corrupt_staged_video_is_computed_again(tmp_path):
-    """A staged video whose arrays no longer match the checksums of its JSON never reaches a shard."""
+def _sample(key: str, value: float = 1.0):
     from pipeline import shards as sh
+    return sh.sample_members(key, np.full((4, 2, 3), value, np.float16), np.arange(4), np.arange(4) / 2.0,
+                             {"key": key})
 
+
+def _row(key: str, shard: int = 0, status: str = "ok") -> dict:
+    return {"key": key, "status": status, "reason": "" if status == "ok" else "missing", "message": "",
+            "num_frames": 4 if status == "ok" else 0, "shard": shard}
+
+
+def test_shard_writer_bytes_do_not_depend_on_arrival_order(tmp_path, monkeypatch):
+    """A shard is written once, the moment its last unit arrives, in key order whatever the order of
+    arrival; a unit sent twice counts once; its scratch is gone once the shard is written."""
+    from pipeline import shards as sh
+    from pipeline.shard_writer import ShardWriter
+
+    monkeypatch.setenv("MALMM_CACHE", str(tmp_path / "cache"))
+    keys = ["k3", "k0", "k2", "k1"]
+    outs = {}
+    for name, order in (("sorted", sorted(keys)), ("shuffled", keys)):
+        out = tmp_path / name
+        w = ShardWriter(str(out), {0: keys, 1: ["k9"]})
+        got = [w.add(0, k, _sample(k, float(k[1])), _row(k)) for k in order]
+        assert got == [[], [], [], [0]] and w.pending() == {1: 1}
+        assert w.add(0, order[0], _sample(order[0]), _row(order[0])) == []  # a retried task's copy
+        assert not list(w.scratch.glob("0/*"))  # spilled samples removed once the shard is written
+        outs[name] = (out / "shard-000000.tar").read_bytes()
+        assert [k for k, _ in sh.iter_shard(out / "shard-000000.tar")] == sorted(keys)
+        stats = json.loads((out / "shard-000000.stats.json").read_text())
+        assert [r["key"] for r in stats["ledger"]] == sorted(keys) and stats["ok"] == 4
+    assert outs["sorted"] == outs["shuffled"]
+
+
+def test_shard_writer_refuses_a_sample_damaged_in_transit_and_foreign_units(tmp_path, monkeypatch):
+    from pipeline import shards as sh
+    from pipeline.shard_writer import ShardWriter
+
+    monkeypatch.setenv("MALMM_CACHE", str(tmp_path / "cache"))
+    w = ShardWriter(str(tmp_path / "feat"), {0: ["k0"]})
+    members = [(n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith("features.npy") else d) for n, d in _sample("k0")]
+    with pytest.raises(sh.CorruptSampleError, match="k0.*features.npy.*checksum mismatch"):
+        w.add(0, "k0", members, _row("k0"))
+    with pytest.raises(ValueError, match="does not belong"):
+        w.add(1, "k7", _sample("k7"), _row("k7", 1))
+    assert not list((tmp_path / "feat").glob("shard-*"))  # nothing written
+
+
+def test_shard_writer_adopts_the_ok_samples_of_a_reopened_shard(tmp_path, monkeypatch):
+    from pipeline import shards as sh
+    from pipeline.shard_writer import ShardWriter
+
+    monkeypatch.setenv("MALMM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "feat"
-    unit = extract.Unit("k0", "v.mp4", "/videos/v.mp4", None, None, "uniform:4", ["s0"], 0)
-    members = sh.sample_members("k0", np.ones((4, 2, 3), np.float16), np.arange(4), np.arange(4) / 2.0,
-                                {"key": "k0"})
-    members = [(n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith("features.npy") else d) for n, d in members]
-    sh.write_tar(out / extract.STAGING / "vid.tar", members)
-    ledger = [{"key": "k0", "status": "ok", "reason": "", "message": "", "num_frames": 4}]
-    sh.write_json(out / extract.STAGING / "vid.json", ledger)
-    assert extract.finalize(out, [unit], {"k0": "vid"}) == []
-    assert not list(out.glob("shard-*")) and not extract.staged(out, "vid")  # the next run computes it again
-    # intact, it is assembled with the checksums of every member in the stats
-    good = sh.sample_members("k0", np.ones((4, 2, 3), np.float16), np.arange(4), np.arange(4) / 2.0, {"key": "k0"})
-    sh.write_tar(out / extract.STAGING / "vid.tar", good)
-    sh.write_json(out / extract.STAGING / "vid.json", ledger)
-    assert extract.finalize(out, [unit], {"k0": "vid"}) == [0]
+    w = ShardWriter(str(out), {0: ["a", "b"]})
+    w.add(0, "a", _sample("a"), _row("a"))
+    w.add(0, "b", [], _row("b", status="failed"))
     stats = json.loads((out / "shard-000000.stats.json").read_text())
-    assert stats["checksums"] == sh.member_checksums(good)
-    assert [k for k, _ in sh.iter_shard(out / "shard-000000.tar")] == ["k0"]
+    assert stats["failed"] == 1
+    w2 = ShardWriter(str(out), {0: ["a", "b"]})
+    w2.adopt(0, stats)
+    assert w2.pending() == {0: 1}
+    assert w2.add(0, "b", _sample("b", 2.0), _row("b")) == [0]
+    assert [k for k, _ in sh.iter_shard(out / "shard-000000.tar")] == ["a", "b"]
+    # a carried-over sample must match the checksums the shard's stats record
+    stats = json.loads((out / "shard-000000.stats.json").read_text())
+    stats["ledger"][1] = _row("b", status="failed")
+    stats["checksums"]["a"]["features.npy"] = "sha256:" + "0" * 64
+    with pytest.raises(sh.CorruptSampleError, match="checksum mismatch"):
+        ShardWriter(str(out), {0: ["a", "b"]}).adopt(0, stats)

@@ -44,7 +44,7 @@ def test_layout_names(tmp_path):
     assert layout.shard_name(3) == "shard-000003.tar"
     assert layout.stats_name("shard-000003.tar") == "shard-000003.stats.json"
     assert layout.shard_stats_path(tmp_path, 3) == tmp_path / "shard-000003.stats.json"
-    assert layout.staged_ledger(tmp_path, "v") == tmp_path / "_staging" / "v.json"
+
     assert layout.checkpoint_dir(tmp_path, 12) == tmp_path / "checkpoints" / "step-00000012"
     assert layout.predictions_path(tmp_path, "lvu") == tmp_path / "predictions" / "lvu.parquet"
     assert layout.lock_path(tmp_path).name == "malmm.lock"
