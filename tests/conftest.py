@@ -3,7 +3,6 @@ and its extracted features (each built once per test session)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest

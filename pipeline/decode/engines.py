@@ -33,7 +33,7 @@ class Out:
     """Output frames [N, H, W, 3] in requested order: in the shared arena, or a plain array (allocated
     when the output size is known: at once, or at the first converted frame)."""
 
-    def __init__(self, n: int, arena: "Arena | None", h: int | None = None, w: int | None = None):
+    def __init__(self, n: int, arena: "Arena | None", h: int | None = None, w: int | None = None):  # noqa: F821  (not imported: see above)
         self.n = n
         self.arena = arena
         self.array = None
@@ -125,7 +125,7 @@ class Converter:
 class PyAVEngine(PyAVProber):
     """PyAV: probe (:class:`pipeline.decode.probe.PyAVProber`) and the plan executor."""
 
-    def read(self, msg: dict, arena: "Arena | None") -> dict:
+    def read(self, msg: dict, arena: "Arena | None") -> dict:  # noqa: F821
         import av
 
         path = msg["path"]
@@ -373,7 +373,7 @@ class DecordEngine:
             raise DecodeError("decode_error", path, f"decord: {str(e).splitlines()[0][:300]}") from None
         return self._info(vr, w, h)
 
-    def read(self, msg: dict, arena: "Arena | None") -> dict:
+    def read(self, msg: dict, arena: "Arena | None") -> dict:  # noqa: F821
         path = msg["path"]
         t0 = time.perf_counter()
         size = msg.get("size")
@@ -427,7 +427,7 @@ class DecordEngine:
 ENGINES = {"pyav": PyAVEngine(), "decord": DecordEngine()}
 
 
-def handle(msg: dict, arena: "Arena | None") -> dict:
+def handle(msg: dict, arena: "Arena | None") -> dict:  # noqa: F821
     """Serve one request with engine fallback; never raises (in the worker, or in-process)."""
     path = msg["path"]
     engines = msg.get("engines") or ["pyav", "decord"]
