@@ -355,31 +355,20 @@ def _process(cfg: ExtractConfig, out, units: list[Unit], by_vid: dict[str, list[
     """decode → encode → write over the videos to process, on Ray Data; shard writers are Ray actors."""
     import ray  # heavy: imported on use (keeps the CLI's start-up fast)
 
-    from pipeline.shard_writer import ShardWriter
-
     model_dir = str(resolve_model_dir(cfg.model))
     image_size = _image_size(model_dir)
     init_ray(cfg.address)
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cluster_has_gpus() else 0)
     open_shards = sorted({u.shard for us in by_vid.values() for u in us} | set(reopen))
-    n_writers = max(1, min(cfg.shard_writers, len(open_shards)))
-    expected: list[dict[int, list[str]]] = [{} for _ in range(n_writers)]
-    for u in units:
-        if u.shard in open_shards:
-            expected[u.shard % n_writers].setdefault(u.shard, []).append(u.key)
-    Writer = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
-    writers = [Writer.remote(str(out), exp, i) for i, exp in enumerate(expected)]
-    ray.get([writers[s % n_writers].adopt.remote(s, st) for s, st in sorted(reopen.items())])
-    # videos in the order of the first shard they feed: shards complete one after another, not all at the end
-    order = sorted(by_vid, key=lambda vid: (min(u.shard for u in by_vid[vid]), vid))
-    items = [{"vid": vid, "source": by_vid[vid][0].source, "timeout": cfg.decode_timeout, "image_size": image_size,
-              "units": json.dumps([asdict(u) for u in by_vid[vid]])} for vid in order]
+    writers = start_writers(out, units, open_shards, cfg.shard_writers, reopen)
+    items = video_items(by_vid, cfg, image_size)
     per = max(1, cfg.videos_per_task)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(1000, -(-len(items) // per))))
     ds = ds.map_batches(decode_videos, batch_size=per, num_cpus=cfg.decode_cpus, batch_format="numpy")
     ds = ds.map_batches(VisionEncoder, fn_constructor_kwargs={"model_dir": model_dir, "batch_size": cfg.batch_size,
                                                               "dtype": cfg.dtype},
-                        batch_size=per, concurrency=cfg.vision_workers, num_gpus=num_gpus, batch_format="numpy")
+                        batch_size=per, compute=ray.data.ActorPoolStrategy(size=cfg.vision_workers), num_gpus=num_gpus,
+                        batch_format="numpy")
     ds = ds.map_batches(write_samples, batch_size=per, batch_format="numpy",
                         fn_kwargs={"writers": writers, "dtype": cfg.dtype, "image_size": image_size})
     bar = tqdm(total=len(items), unit="video", desc="extract", disable=not progress, file=sys.stderr)
@@ -391,6 +380,40 @@ def _process(cfg: ExtractConfig, out, units: list[Unit], by_vid: dict[str, list[
         bar.update(1)
         bar.set_postfix(ok=ok, failed=failed, shards=f"{shards}/{len(open_shards)}")
     bar.close()
+    stop_writers(writers)
+
+
+def video_items(by_vid: dict[str, list[Unit]], cfg: ExtractConfig, image_size: int) -> list[dict]:
+    """The decode items, one per video, in the order of the first shard each feeds: shards then
+    complete one after another, not all at the end."""
+    order = sorted(by_vid, key=lambda vid: (min(u.shard for u in by_vid[vid]), vid))
+    return [{"vid": vid, "source": by_vid[vid][0].source, "timeout": cfg.decode_timeout, "image_size": image_size,
+             "units": json.dumps([asdict(u) for u in by_vid[vid]])} for vid in order]
+
+
+def start_writers(out, units: list[Unit], open_shards: list[int], n: int, reopen: dict[int, dict]) -> list:
+    """Shard writer actors for the shards to write (shard s belongs to writer s mod N); a reopened
+    shard's ok samples are carried over first."""
+    import ray  # heavy: imported on use
+
+    from pipeline.shard_writer import ShardWriter
+
+    n = max(1, min(n, len(open_shards)))
+    expected: list[dict[int, list[str]]] = [{} for _ in range(n)]
+    for u in units:
+        if u.shard in open_shards:
+            expected[u.shard % n].setdefault(u.shard, []).append(u.key)
+    Writer = ray.remote(num_cpus=0, max_restarts=0)(ShardWriter)
+    writers = [Writer.remote(str(out), exp, i) for i, exp in enumerate(expected)]
+    ray.get([writers[s % n].adopt.remote(s, st) for s, st in sorted(reopen.items())])
+    return writers
+
+
+def stop_writers(writers: list) -> None:
+    """End the writers; a shard still missing units (which would be a bug: every video sends every
+    unit, failed ones as ledger rows) is an error, and the next run computes it again."""
+    import ray  # heavy: imported on use
+
     left = {s: n for p in ray.get([w.pending.remote() for w in writers]) for s, n in p.items()}
     ray.get([w.close.remote() for w in writers])
     for w in writers:

@@ -8,8 +8,8 @@ model's frames/s against the machine's measured matmul throughput.
    extracted by ``stages.extract.run`` into a fresh folder, on an already started local Ray
    cluster (Ray's start-up is reported apart). Then each Ray Data stage of that pipeline runs
    alone, as its own Ray Data program over the previous stage's materialised output: decode
-   (CPU tasks), encode (the vision-model actor pool), stage (per-video staging writes), and
-   finalize (shard assembly and the Parquet tables, in the driver). Reported: the pipeline's
+   (CPU tasks), encode (the vision-model actor pool) and write (the tasks that send samples to
+   the shard writer actors, the shards written, then the Parquet tables). Reported: the pipeline's
    wall time over the slowest stage alone (1.0 = the pipeline costs no more than its
    bottleneck) and over the sum of the stages (< 1: the stages overlap).
 2. **Vision model against matmul** – the machine's fp32 matmul throughput (best of square
@@ -26,13 +26,11 @@ Results: reports/bench/extract.json and reports/bench/extract.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +42,8 @@ from benchlib import machine, save  # noqa: E402
 
 # ----------------------------------------------------------------------------- 1. pipeline vs stages
 
-def _items(manifest: str, out: Path, model_dir: str):
-    """The decode items `extract` builds for a fresh run (the same planning code)."""
+def _plan(manifest: str, out: Path, model_dir: str):
+    """What `extract` plans for a fresh run (the same planning code): config, units, videos, items."""
     from pipeline.config import ExtractConfig
     from pipeline.manifest import read_manifest
     from stages import extract as ex
@@ -57,9 +55,7 @@ def _items(manifest: str, out: Path, model_dir: str):
     for u in units:
         by_vid.setdefault(ex.video_id(u.source), []).append(u)
     size = ex._image_size(model_dir)
-    items = [{"vid": vid, "source": us[0].source, "timeout": cfg.decode_timeout, "image_size": size,
-              "units": json.dumps([asdict(u) for u in us])} for vid, us in sorted(by_vid.items())]
-    return cfg, units, {u.key: ex.video_id(u.source) for u in units}, items, size
+    return cfg, units, by_vid, ex.video_items(by_vid, cfg, size), size
 
 
 def bench_pipeline(args, model_dir: str) -> dict:
@@ -87,31 +83,33 @@ def bench_pipeline(args, model_dir: str) -> dict:
             assert res.failed == 0 and res.ok > 0, res
         frames = int(__import__("pandas").read_parquet(tmp / "features-0" / "ledger.parquet").num_frames.sum())
 
-        stages = {"decode": [], "encode": [], "stage": [], "finalize": []}
+        stages = {"decode": [], "encode": [], "write": []}
         for rep in range(args.reps):
             out = tmp / f"alone-{rep}"
             out.mkdir()
-            cfg, units, vid_of, items, size = _items(manifest, out, model_dir)
+            cfg, units, by_vid, items, size = _plan(manifest, out, model_dir)
             ex._check_previous_plan(out, cfg, units, str(data))
+            per = cfg.videos_per_task
             t0 = time.perf_counter()
-            decoded = ray.data.from_items(items, override_num_blocks=min(len(items), 1000)) \
-                .map(ex.decode_video, num_cpus=cfg.decode_cpus).materialize()
+            decoded = ray.data.from_items(items, override_num_blocks=max(1, min(1000, -(-len(items) // per)))) \
+                .map_batches(ex.decode_videos, batch_size=per, num_cpus=cfg.decode_cpus,
+                             batch_format="numpy").materialize()
             stages["decode"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             encoded = decoded.map_batches(ex.VisionEncoder, fn_constructor_kwargs={
                 "model_dir": model_dir, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
-                batch_size=1, concurrency=cfg.vision_workers, num_gpus=0, batch_format="numpy").materialize()
+                batch_size=per, compute=ray.data.ActorPoolStrategy(size=cfg.vision_workers), num_gpus=0,
+                batch_format="numpy").materialize()
             stages["encode"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            staged = encoded.map(ex.stage_video, fn_kwargs={"out": str(out.resolve()), "dtype": cfg.dtype,
-                                                            "image_size": size}).materialize()
-            stages["stage"].append(time.perf_counter() - t0)
-            assert staged.count() == len(items)
-            t0 = time.perf_counter()
-            ex.finalize(out, units, vid_of)
+            writers = ex.start_writers(out, units, sorted({u.shard for u in units}), cfg.shard_writers, {})
+            written = encoded.map_batches(ex.write_samples, batch_size=per, batch_format="numpy", fn_kwargs={
+                "writers": writers, "dtype": cfg.dtype, "image_size": size}).materialize()
+            ex.stop_writers(writers)
             ex.write_tables(out)
-            stages["finalize"].append(time.perf_counter() - t0)
-            del decoded, encoded, staged
+            stages["write"].append(time.perf_counter() - t0)
+            assert written.count() == len(items)
+            del decoded, encoded, written
         # the stages alone must produce the pipeline's bytes (same code, same order)
         same = all((tmp / "alone-0" / p.name).read_bytes() == p.read_bytes()
                    for p in sorted((tmp / "features-0").glob("shard-*.tar")))
@@ -218,18 +216,17 @@ def markdown(res: dict) -> str:
     lines = ["# Extraction benchmark", "",
              f"`tests/perf/bench_extract.py`: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}; load average at "
              f"start {' '.join(f'{x:.2f}' for x in m['load_avg_start'])}. Median of {res['reps']} runs.", "",
-             f"## Pipeline against its stages alone", "",
+             "## Pipeline against its stages alone", "",
              f"{p['videos']} synthetic videos of {p['seconds_per_video']:.0f} s ({p['units']} extraction units, "
              f"{p['frames']} frames), the embedded tiny vision model, a local Ray cluster already started "
              f"(start-up: {p['ray_start_s']:.1f} s, not counted).", "",
-             "| pipeline | decode alone | encode alone | stage alone | finalize alone | pipeline / slowest stage "
-             "| pipeline / sum of stages |", "|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {p['pipeline_s']:.1f} s | {st['decode']:.1f} s | {st['encode']:.1f} s | {st['stage']:.1f} s | "
-             f"{st['finalize']:.2f} s | **{p['ratio_to_slowest']:.2f}** (vs {p['slowest']}) | "
-             f"{p['ratio_to_sum']:.2f} |", "",
+             "| pipeline | decode alone | encode alone | write alone | pipeline / slowest stage "
+             "| pipeline / sum of stages |", "|---:|---:|---:|---:|---:|---:|",
+             f"| {p['pipeline_s']:.1f} s | {st['decode']:.1f} s | {st['encode']:.1f} s | {st['write']:.1f} s | "
+             f"**{p['ratio_to_slowest']:.2f}** (vs {p['slowest']}) | {p['ratio_to_sum']:.2f} |", "",
              f"Pipeline throughput: {p['videos_per_s']:.1f} videos/s, {p['frames_per_s']:.0f} frames/s. The stages "
              f"run alone wrote the same shard bytes as the pipeline: {'yes' if p['same_shards'] else 'NO'}.", "",
-             f"## Vision model against matmul throughput", "",
+             "## Vision model against matmul throughput", "",
              f"Measured fp32 matmul: {v['matmul']['flops'] / 1e9:.1f} GFLOP/s ({v['matmul']['best_n']}² matrices, "
              f"{v['threads']} threads).", "",
              "| vision model | width x layers | GFLOP / frame | frames/s | achieved GFLOP/s | of matmul |",
