@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -233,7 +232,7 @@ def write_samples(batch: dict, writers: list, dtype: str, image_size: int) -> di
     import ray  # heavy: imported where the task runs
 
     n = len(batch["vid"])
-    ok, failed, rss = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    ok, failed = np.zeros(n, np.int64), np.zeros(n, np.int64)
     shards_written = []
     for i in range(n):
         row = {k: batch[k][i] for k in batch}
@@ -245,15 +244,7 @@ def write_samples(batch: dict, writers: list, dtype: str, image_size: int) -> di
             failed[i] += rec["status"] != "ok"
         done = [s for written in ray.get(calls) for s in written]  # waits: at most a few videos in flight
         shards_written.append(json.dumps(done))
-        rss[i] = peak_rss()
-    return {"vid": batch["vid"], "ok": ok, "failed": failed, "shards": np.array(shards_written, dtype=object),
-            "worker_rss": rss, "worker_pid": np.full(n, os.getpid())}
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (what the memory benchmark reads)."""
-    import resource  # POSIX only: imported on use
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"vid": batch["vid"], "ok": ok, "failed": failed, "shards": np.array(shards_written, dtype=object)}
 
 
 def write_tables(out: Path) -> tuple[int, int]:
