@@ -69,7 +69,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     checkpoint_every: int = 500  # steps
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints Ray Train keeps (0: all); the best on validation is also kept in best/
+    max_failures: int = 3  # restarts of the worker group from the last checkpoint after a failure (-1: no limit)
     validate: bool = True
     resume: bool = True
     precision: str = "auto"  # pipeline.precision: auto | bf16 | fp16 | fp32

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +20,14 @@ from pipeline import layout, storage
 from pipeline.benchmarks import protocol
 from pipeline.manifest import Manifest
 from pipeline.sampling import segment_indices
-from pipeline.shards import (CorruptSampleError, MalformedShardError, ShardIntegrityError, decode_sample, iter_members,
-                             load_index, read_stats_checksums, sample_checksum, stats_path)
+from pipeline.shards import (CorruptSampleError, MalformedShardError, ShardIntegrityError, decode_sample, load_index,
+                             member_offsets, read_stats, sample_checksum, stats_checksums, stats_path)
 from pipeline.units import sample_policy, unit_clip, unit_key
 
 
 class FeatureStore:
-    """Random access to the samples of a features folder, by key, through tar member offsets.
+    """Random access to the samples of a features folder (a local folder or an object-store URI), by
+    key, through member offsets: each sample is one ranged read per member.
 
     Reads are verified (the README's architecture section, data contracts): member names are
     validated when the offsets are read (`MalformedShardError`), and every member a `load`
@@ -36,15 +36,16 @@ class FeatureStore:
     existed load unverified, with one `UnverifiedFeaturesWarning`.
     """
 
-    def __init__(self, features_dir: str | Path):
-        self.dir = Path(features_dir)
+    def __init__(self, features_dir):
+        self.dir = storage.path(features_dir)
         self.index = load_index(self.dir)
         self.plan = storage.read_json(layout.plan_path(self.dir), {}, missing_ok=True)
         self._offsets: dict[str, dict[str, tuple[str, int, int]]] | None = None
-        self._sums: dict[str, dict | None] = {}
+        self._stats: dict[str, dict | None] = {}
 
     @property
     def offsets(self) -> dict[str, dict[str, tuple[str, int, int]]]:
+        """``{key: {ext: (shard, offset, size)}}`` of every sample in the folder's finished shards."""
         if self._offsets is None:
             offsets: dict[str, dict[str, tuple[str, int, int]]] = {}
             for shard in sorted(set(self.index.shard_file.dropna())):
@@ -54,33 +55,29 @@ class FeatureStore:
                 path = self.dir / shard
                 if not storage.exists(path):
                     continue
-                try:
-                    tar = tarfile.open(storage.local_path(path), "r")
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    raise MalformedShardError(path, None, None,
-                                              f"not a readable tar ({type(e).__name__}: {e})") from None
-                with tar:
-                    for m, key, ext in iter_members(path, tar):
-                        entry = offsets.setdefault(key, {})
-                        other = next(iter(entry.values()))[0] if entry else str(path)
-                        if other != str(path):
-                            raise MalformedShardError(path, key, m.name, f"the key is also in {other}")
-                        entry[ext] = (str(path), m.offset_data, m.size)
+                for key, ext, off, size in member_offsets(path, self._shard_stats(str(path))):
+                    entry = offsets.setdefault(key, {})
+                    other = next(iter(entry.values()))[0] if entry else str(path)
+                    if other != str(path):
+                        raise MalformedShardError(path, key, f"{key}.{ext}", f"the key is also in {other}")
+                    if ext in entry:
+                        raise MalformedShardError(path, key, f"{key}.{ext}", "member appears twice")
+                    entry[ext] = (str(path), off, size)
             self._offsets = offsets
         return self._offsets
 
     def has(self, key: str) -> bool:
         return key in self.offsets
 
-    def _checksums(self, shard: str) -> dict | None:
-        if shard not in self._sums:
-            self._sums[shard] = read_stats_checksums(shard)
-        return self._sums[shard]
+    def _shard_stats(self, shard: str) -> dict | None:
+        if shard not in self._stats:
+            self._stats[shard] = read_stats(shard)
+        return self._stats[shard]
 
     def expected_checksums(self, key: str) -> dict[str, str] | None:
         """The stats.json checksums of a key's members; None for shards without checksums."""
         shard = next(iter(self.offsets[key].values()))[0]
-        sums = self._checksums(shard)
+        sums = stats_checksums(self._shard_stats(shard))
         if sums is None:
             return None
         if key not in sums:

@@ -11,8 +11,10 @@ Features folder (written by ``extract``)::
 Run folder (``train`` / ``infer``)::
 
     checkpoints/step-NNNNNNNN/   trainable.safetensors, malmm_config.json, optimizer.pt,
-                                 scheduler.pt, rng_rank{r}.pt, state.json
-    latest.json  run.json  progress.json  metrics.parquet  frozen_llm.json
+                                 scheduler.pt, [scaler.pt], rng_rank{r}.pt, state.json, metrics.parquet
+    checkpoints/checkpoint_manager_snapshot.json   (Ray Train's record of the checkpoints)
+    best/                        trainable.safetensors, malmm_config.json (best on validation)
+    latest.json  run.json  metrics.parquet  frozen_llm.json
     predictions/{benchmark}.parquet  infer.json  malmm.lock
 
 Report folder: metrics.parquet, leaderboard.md, leaderboard.html, PNGs.
@@ -69,7 +71,6 @@ CKPT_DIR = "checkpoints"
 STEP_GLOB = "step-*"
 LATEST = "latest.json"
 RUN_INFO = "run.json"
-PROGRESS = "progress.json"
 METRICS = "metrics.parquet"
 FROZEN_LLM = "frozen_llm.json"
 PREDICTIONS_DIR = "predictions"
@@ -79,6 +80,10 @@ INFER_INFO = "infer.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 STATE = "state.json"
+SCALER = "scaler.pt"  # the fp16 loss scale (`pipeline.precision`)
+#: Ray Train's record of a run's checkpoints, in ``checkpoints/``: what it restores a run from
+RAY_TRAIN_RECORD = "checkpoint_manager_snapshot.json"
+BEST_DIR = "best"
 
 
 def step_name(global_step: int) -> str:
@@ -107,8 +112,9 @@ def run_info_path(run_dir) -> Path:
     return _location(run_dir) / RUN_INFO
 
 
-def progress_path(run_dir) -> Path:
-    return _location(run_dir) / PROGRESS
+def best_dir(run_dir) -> Path:
+    """The best weights on validation (an inference checkpoint: weights and config only)."""
+    return _location(run_dir) / BEST_DIR
 
 
 def metrics_path(run_dir) -> Path:

@@ -16,19 +16,25 @@ import contextlib
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def resolve(precision: str | None, device) -> str:
-    """The precision a run on ``device`` uses: ``precision`` itself, or what ``auto`` / None means there."""
-    import torch  # heavy: imported on use
+def check(precision: str | None, gpu: bool) -> str:
+    """Validation before any work starts: the option's value, and fp16 only where GPUs are asked for."""
     p = (precision or "auto").lower()
     if p not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if p == "fp16" and not gpu:
+        raise ValueError("--precision fp16 needs a GPU (CPUs have no fast float16 autocast); use bf16 or fp32")
+    return p
+
+
+def resolve(precision: str | None, device) -> str:
+    """The precision a run on ``device`` uses: ``precision`` itself, or what ``auto`` / None means there."""
+    import torch  # heavy: imported on use
     dev = torch.device(device)
+    p = check(precision, gpu=dev.type != "cpu")
     if p == "auto":
         if dev.type != "cuda":
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if p == "fp16" and dev.type == "cpu":
-        raise ValueError("--precision fp16 needs a GPU (CPUs have no fast float16 autocast); use bf16 or fp32")
     return p
 
 

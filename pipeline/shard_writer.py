@@ -110,12 +110,15 @@ class ShardWriter:
 
         name = layout.shard_name(shard)
         storage.remove(self.out / layout.stats_name(name))  # a reopened shard is unfinished until its new stats land
-        size = sh.write_tar(self.out / name, members())
+        offsets: dict[str, tuple[int, int]] = {}
+        size = sh.write_tar(self.out / name, members(), offsets)
         stats = {"shard": name, "units": len(ledger), "ok": sum(r["status"] == "ok" for r in ledger),
                  "failed": sum(r["status"] != "ok" for r in ledger),
                  "frames": sum(r["num_frames"] for r in ledger), "bytes": size, "ledger": ledger,
                  # every member's checksum, the JSON too: what train and infer verify each sample against
-                 "checksums": {k: self.sums[shard][k] for k in sorted(self.sums[shard])}}
+                 "checksums": {k: self.sums[shard][k] for k in sorted(self.sums[shard])},
+                 # where each member's bytes lie: one ranged read per sample, no scan of the tar
+                 "members": sh.members_record(offsets)}
         storage.write_json(self.out / layout.stats_name(name), stats)  # written last: marks the shard complete
         shutil.rmtree(folder, ignore_errors=True)
         self.ledger[shard], self.sums[shard] = {}, {}

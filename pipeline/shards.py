@@ -13,9 +13,11 @@ A sample in a shard is a group of tar members sharing the sample key:
 Members are written with fixed tar headers (mtime 0, uid/gid 0, sorted by key), so the
 same inputs always give the same bytes – which is what lets an interrupted run
 resume and end byte-identical to an uninterrupted one. The shard's ``stats.json``
-carries the checksum of every member (the JSON too) under ``checksums[key]``.
+carries the checksum of every member (the JSON too) under ``checksums[key]`` and where each
+member's bytes lie in the tar under ``members[key]`` (``{ext: [offset, size]}``), so a reader
+reaches any sample with one ranged read, also in an object store, without scanning the tar.
 
-Reading is strict: a member name must be ``{key}.{ext}`` with a non-empty key free of
+Reading is strict: a member name (in the tar, or recorded in the stats) must be ``{key}.{ext}`` with a non-empty key free of
 ``/``, ``\\`` and ``..`` and one of the four extensions above (`MalformedShardError`),
 and every member must match its checksum (`CorruptSampleError`). Both name the shard,
 the key and the member.
@@ -81,7 +83,7 @@ def checksum(data: bytes) -> str:
 
 
 def stats_path(shard: str | Path) -> Path:
-    shard = Path(shard)
+    shard = storage.path(shard)
     return shard.with_name(layout.stats_name(shard.name))
 
 
@@ -120,18 +122,68 @@ def iter_members(shard: str | Path, tar: tarfile.TarFile) -> Iterator[tuple[tarf
         yield m, key, ext
 
 
-def read_stats_checksums(shard: str | Path) -> dict[str, dict[str, str]] | None:
-    """Per-key member checksums from the shard's stats.json; None when it has none (shards written
-    before checksums existed, or no stats file)."""
+def read_stats(shard: str | Path) -> dict | None:
+    """The shard's stats.json; None when there is none (the shard is unfinished)."""
     path = stats_path(shard)
-    if not storage.exists(path):
-        return None
     try:
         stats = storage.read_json(path)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as e:
         raise MalformedShardError(shard, None, None, f"{path.name} is unreadable ({type(e).__name__}: {e})") from None
-    sums = stats.get("checksums") if isinstance(stats, dict) else None
+    if not isinstance(stats, dict):
+        raise MalformedShardError(shard, None, None, f"{path.name} is not a JSON object")
+    return stats
+
+
+def stats_checksums(stats: dict | None) -> dict[str, dict[str, str]] | None:
+    """Per-key member checksums of a shard's stats; None when it has none (shards written before
+    checksums existed, or no stats file)."""
+    sums = stats.get("checksums") if stats else None
     return sums if isinstance(sums, dict) else None
+
+
+def read_stats_checksums(shard: str | Path) -> dict[str, dict[str, str]] | None:
+    return stats_checksums(read_stats(shard))
+
+
+def member_offsets(shard: str | Path, stats: dict | None) -> Iterator[tuple[str, str, int, int]]:
+    """``(key, ext, offset, size)`` of every member of a shard: from its stats' ``members`` record
+    when it has one (no read of the tar), else by scanning the tar's headers (shards written before
+    the record existed; an object-store shard is then fetched into the local object cache). Names
+    are validated either way (`MalformedShardError`)."""
+    recorded = stats.get("members") if stats else None
+    if isinstance(recorded, dict):
+        for key in sorted(recorded):
+            if not isinstance(recorded[key], dict):
+                raise MalformedShardError(shard, key, None, f"{stats_path(shard).name}: members[{key!r}] is not "
+                                                            f"an object")
+            for ext, where in sorted(recorded[key].items()):
+                name = f"{key}.{ext}"
+                member_key(shard, name)
+                try:
+                    offset, size = (int(v) for v in where)
+                except (TypeError, ValueError):
+                    raise MalformedShardError(shard, key, name, f"{stats_path(shard).name}: its [offset, size] "
+                                                                f"is {where!r}") from None
+                yield key, ext, offset, size
+        return
+    try:
+        tar = tarfile.open(storage.local_path(shard), "r")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise MalformedShardError(shard, None, None, f"not a readable tar ({type(e).__name__}: {e})") from None
+    with tar:
+        for m, key, ext in iter_members(shard, tar):
+            yield key, ext, m.offset_data, m.size
+
+
+def members_record(offsets: dict[str, tuple[int, int]]) -> dict[str, dict[str, list[int]]]:
+    """``{name: (offset, size)}`` (from `write_tar`) as a stats ``members`` record: ``{key: {ext: [offset, size]}}``."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for name in sorted(offsets):
+        key, ext = name.split(".", 1)
+        out.setdefault(key, {})[ext] = [int(offsets[name][0]), int(offsets[name][1])]
+    return out
 
 
 _warned: set[str] = set()
@@ -251,12 +303,19 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> int:
-    """Write members to a tar atomically; return its size in bytes."""
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]],
+              offsets: dict[str, tuple[int, int]] | None = None) -> int:
+    """Write members to a tar atomically; return its size in bytes. ``offsets``, when given, gets
+    ``{name: (offset of the member's bytes in the tar, size)}``."""
     with storage.atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in members:
-                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                info = _tarinfo(name, len(data))
+                start = tar.offset
+                tar.addfile(info, io.BytesIO(data))
+                if offsets is not None:
+                    header = len(info.tobuf(tarfile.USTAR_FORMAT, tar.encoding, tar.errors))
+                    offsets[name] = (start + header, len(data))
     return storage.size(path)
 
 

@@ -454,10 +454,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MALMM_CACHE") or Path.home() / ".cache" / "malmm-pipeline" / "objects")
 
 
-def local_path(p: PathLike) -> Path:
+def local_path(p: PathLike, *, only: "tuple[str, ...] | None" = None) -> Path:
     """The local file (or folder) behind ``p``, for libraries that need a file name (tarfile,
     safetensors, decord, Hugging Face ``from_pretrained``): itself locally; for an object-store
-    URI, a copy in the local object cache, fetched when missing or when the object changed."""
+    URI, a copy in the local object cache, fetched when missing or when the object changed.
+    ``only``: of a folder, fetch just the files of these names (at its top level)."""
     q = path(p)
     if not isinstance(q, URI):
         return q
@@ -468,8 +469,8 @@ def local_path(p: PathLike) -> Path:
     root = _cached(q)
     if info.type == pafs.FileType.File:
         return _fetch(q, info, root / q.name)
-    for f in filesystem(q).get_file_info(pafs.FileSelector(q.key, recursive=True)):
-        if f.type == pafs.FileType.File:
+    for f in filesystem(q).get_file_info(pafs.FileSelector(q.key, recursive=only is None)):
+        if f.type == pafs.FileType.File and (only is None or f.base_name in only):
             _fetch(URI(f"{q.scheme}://{f.path}"), f, root / q.name / f.path[len(q.key):].lstrip("/"))
     return root / q.name
 

@@ -69,6 +69,7 @@ app = typer.Typer(
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or YAML file with a table per stage ([extract], [train] …).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster).")
+PrecisionOpt = typer.Option(None, "--precision", help="auto (default: bf16 on a GPU that has it, fp16 on other GPUs, fp32 on a CPU) | bf16 | fp16 (with a loss scale) | fp32.")
 
 
 def _fail(message: str, code: int = 2):
@@ -83,7 +84,7 @@ def _before_every_command():
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for videos/ and manifest.csv."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for videos/ and manifest.csv (a local folder or an s3:// / gs:// URI)."),
     videos: int = typer.Option(200, "--videos", "-n", help="Number of videos to generate."),
     seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Length of each video in seconds."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
@@ -100,6 +101,7 @@ def synth(
         kwargs["seconds"] = seconds
     if workers < 1:
         _fail(f"error: --workers must be at least 1, got {workers}")
+    storage.check(out, "--out")
     res = synth_mod.generate(out, **kwargs)
     typer.echo(f"wrote {res}")
 
@@ -195,9 +197,11 @@ def train(
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed: the same seed gives the same loss trajectory."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Ray Train workers (data parallel)."),
-    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu", help="One GPU per worker, bf16 autocast."),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu", help="One GPU per worker (NCCL between workers)."),
+    precision: Optional[str] = PrecisionOpt,
+    max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Restarts of the worker group from the last checkpoint after a worker dies or fails (default 3; -1: no limit)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps (and at each epoch end)."),
-    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept (plus the best on validation)."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept (default 2; 0: all); the best on validation is also kept, in RUN/best."),
     validate: Optional[bool] = typer.Option(None, "--validate/--no-validate", help="Score the val split after each epoch."),
     resume: Optional[bool] = typer.Option(None, "--resume/--restart", help="Continue from the run folder's last checkpoint (default) or start over."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Join samples to features and print the plan only."),
@@ -209,7 +213,8 @@ def train(
                   out=out, model=model, memory=memory, visual_memory=visual_memory, query_memory=query_memory,
                   aggregation=aggregation, num_frames=num_frames, memory_length=memory_length,
                   frame_position_init=frame_position_init, loss_reduction=loss_reduction, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
-                  num_workers=num_workers, use_gpu=use_gpu, checkpoint_every=checkpoint_every, keep_last=keep_last,
+                  num_workers=num_workers, use_gpu=use_gpu, precision=precision, max_failures=max_failures,
+                  checkpoint_every=checkpoint_every, keep_last=keep_last,
                   validate=validate, resume=resume, dry_run=dry_run, address=address)
     res = train_stage.run(cfg)  # expected errors: exit 2 (see the module docstring)
     if not cfg.dry_run:
@@ -233,6 +238,7 @@ def infer(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per generation batch."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Generator actors (one GPU each when there are GPUs)."),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per generator actor."),
+    precision: Optional[str] = PrecisionOpt,
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickled (.pth) MA-LMM release checkpoint."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Join and count what would be predicted."),
     address: Optional[str] = AddressOpt,
@@ -247,7 +253,7 @@ def infer(
     cfg = resolve(InferConfig, "infer", config, checkpoint=checkpoint, features=features, manifest=manifest,
                   split=split, benchmark=benchmark, task=task, out=out, label=label, model=model,
                   num_frames=num_frames, memory_length=memory_length, memory=memory, batch_size=batch_size,
-                  workers=workers, num_gpus=num_gpus, dry_run=dry_run, address=address)
+                  workers=workers, num_gpus=num_gpus, precision=precision, dry_run=dry_run, address=address)
     res = infer_stage.run(cfg, trust_pickle=trust_pickle)  # expected errors: exit 2 (see the module docstring)
     typer.echo(f"infer: {res}")
 
@@ -289,7 +295,7 @@ def demo(
 
 
 @app.command()
-def status(path: Path = typer.Argument(..., help="A features folder (from extract) or a run folder.")):
+def status(path: str = typer.Argument(..., help="A features folder (from extract) or a run folder (local or a URI).")):
     """Summarise a features folder or a run: shards, ok / failed units by reason, what is left."""
     if storage.exists(layout.ledger_path(path)):
         ledger = storage.read_parquet(layout.ledger_path(path))

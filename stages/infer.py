@@ -37,6 +37,7 @@ from pipeline.benchmarks import protocol
 from pipeline.config import InferConfig
 from pipeline.data import FeatureStore, Sample, SampleDataset, collate, join_samples
 from pipeline import layout, storage
+from pipeline import precision as precision_mod  # `precision` names the option here
 from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
@@ -151,13 +152,15 @@ class Generator:
     """Ray Data actor: the model, loaded once per actor; a batch of sample rows in, prediction rows out."""
 
     def __init__(self, model_dir: str, checkpoint: str | None, malmm: dict, features_dir: str,
-                 num_frames: int | None, ckpt_id: str, trust_pickle: bool = False, settings: dict | None = None):
+                 num_frames: int | None, ckpt_id: str, trust_pickle: bool = False, settings: dict | None = None,
+                 precision: str = "auto"):
         import torch  # heavy (the model package too: torch, transformers): imported where the actor starts
 
         from pipeline.model.checkpoint import load_malmm
         from pipeline.model.modeling_malmm import MALMMConfig
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = precision_mod.resolve(precision, self.device)
         self.model = load_malmm(model_dir, MALMMConfig(**malmm), checkpoint=checkpoint, trust_pickle=trust_pickle)
         self.model.to(self.device).eval()
         self.features_dir, self.num_frames, self.ckpt_id = features_dir, num_frames, ckpt_id
@@ -165,9 +168,10 @@ class Generator:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         samples = [Sample(**json.loads(s)) for s in batch["sample"]]
-        rows = predict_samples(self.model, samples, self.features_dir, self.num_frames, batch_size=len(samples),
-                               device=self.device, ckpt_id=self.ckpt_id, fingerprints=list(batch["fingerprint"]),
-                               settings=self.settings)
+        with precision_mod.autocast(self.precision, self.device):
+            rows = predict_samples(self.model, samples, self.features_dir, self.num_frames, batch_size=len(samples),
+                                   device=self.device, ckpt_id=self.ckpt_id, fingerprints=list(batch["fingerprint"]),
+                                   settings=self.settings)
         return pd.DataFrame({"row": [json.dumps(r) for r in rows]})
 
 
@@ -214,8 +218,8 @@ def _resolve_model(cfg: InferConfig, trust_pickle: bool = False) -> ModelSpec:
                                            release_info)
     from pipeline.model.modeling_malmm import LAVIS_LN_VISION_EPS, MALMMConfig
 
-    # absolute: the Ray actors that load them do not run in the driver's folder
-    ckpt = Path(cfg.checkpoint).resolve() if cfg.checkpoint else None
+    # absolute: the Ray actors that load them do not run in the driver's folder (a URI stays as it is)
+    ckpt = storage.resolved(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt and storage.is_dir(ckpt) and storage.exists(layout.latest_path(ckpt)):  # a training run: its latest
         ckpt = layout.checkpoint_dir(ckpt, storage.read_json(layout.latest_path(ckpt))["checkpoint"])
     if ckpt and storage.is_file(ckpt) and storage.exists(ckpt.parent / CHECKPOINT_CONFIG):  # our trainable.safetensors
@@ -232,7 +236,7 @@ def _resolve_model(cfg: InferConfig, trust_pickle: bool = False) -> ModelSpec:
             frames = storage.read_json(run_json).get("hp", {}).get("num_frames")
         return ModelSpec(model_dir, str(ckpt), malmm, "checkpoint", frames, malmm["memory_length"], malmm["memory"])
     if ckpt and storage.is_dir(ckpt) and storage.exists(ckpt / "config.json"):  # an HF InstructBLIP directory: zero-shot
-        return ModelSpec(str(ckpt), None, asdict(MALMMConfig()), "instructblip")
+        return ModelSpec(str(storage.local_path(ckpt)), None, asdict(MALMMConfig()), "instructblip")
     if ckpt and storage.is_file(ckpt):  # a released MA-LMM / LAVIS checkpoint
         recorded = release_info(ckpt, trust_pickle=trust_pickle)  # a .pth: its saved LAVIS run configuration
         malmm = asdict(replace(malmm_config_from_lavis(recorded),  # LAVIS weights: LAVIS' ln_vision epsilon
@@ -328,6 +332,7 @@ def _warn_loudly(message: str) -> None:
 
 
 def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) -> dict:
+    precision_mod.check(cfg.precision, gpu=cfg.num_gpus != 0)
     manifest = read_manifest(cfg.manifest)
     store = FeatureStore(cfg.features)
     rep = join_samples(manifest, store, split=cfg.split, benchmark=cfg.benchmark, task=cfg.task)
@@ -340,7 +345,7 @@ def run(cfg: InferConfig, *, progress: bool = True, trust_pickle: bool = False) 
         _warn_loudly(note)
     ckpt_id = checkpoint_identity(ckpt, model_dir, spec.malmm)
     features_id = hashlib.sha1(json.dumps(store.plan, sort_keys=True).encode()).hexdigest()[:12]
-    run_dir = Path(cfg.out)
+    run_dir = storage.resolved(cfg.out)
     with ExitStack() as held:
         if not cfg.dry_run:  # one writer per run folder: a second infer into it is refused at once
             held.enter_context(OutputLock(run_dir, "infer"))
@@ -380,9 +385,10 @@ def _predict(cfg: InferConfig, rep, store: FeatureStore, run_dir: Path, spec, se
     items = [{"sample": json.dumps(asdict(todo[i])), "fingerprint": fps[i]} for i in order]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.batch_size, 200)))
     ds = ds.map_batches(Generator, fn_constructor_kwargs={"model_dir": model_dir, "checkpoint": ckpt, "malmm": malmm,
-                                                          "features_dir": str(Path(cfg.features).resolve()),
+                                                          "features_dir": str(storage.resolved(cfg.features)),
                                                           "num_frames": None, "ckpt_id": ckpt_id,
                                                           "trust_pickle": trust_pickle,
+                                                          "precision": cfg.precision,
                                                           "settings": {k: {"num_frames": v["num_frames"],
                                                                            "memory_length": v["memory_length"]}
                                                                        for k, v in settings.items()}},

@@ -64,7 +64,7 @@ def check_labels(run_dirs: list[Path]) -> dict[Path, str]:
     first: dict[str, Path] = {}
     clashes = []
     for d in run_dirs:
-        key = d.resolve()
+        key = storage.resolved(d)
         if key in labels:  # the same folder given twice: once is enough
             continue
         label = labels[key] = run_label(d)
@@ -121,23 +121,23 @@ def run(runs: list[str], out: str = "reports", n_boot: int = 1000, *, plots: boo
         answer_rule: str = "reference") -> dict:
     """Score ``runs`` (run folders) under ``answer_rule`` and write the leaderboard into ``out``."""
     rule = get_rule(answer_rule)  # an unknown rule fails before anything is read
-    labels = check_labels([Path(r) for r in runs])
+    labels = check_labels([storage.path(r) for r in runs])
     out_dir = storage.makedirs(out)
     cache_path = layout.metrics_path(out_dir)
     cache = storage.read_parquet(cache_path) if storage.exists(cache_path) else None
     frames = []
     done = set()
     for r in runs:
-        key = Path(r).resolve()
+        key = storage.resolved(r)
         if key in done:
             continue
         done.add(key)
-        frames.append(score_run(Path(r), n_boot, cache, rule.id, labels[key]))
+        frames.append(score_run(storage.path(r), n_boot, cache, rule.id, labels[key]))
         print(f"report: scored {r}", file=sys.stderr, flush=True)
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_SCHEMA.names)
     storage.write_parquet(cache_path, pa.Table.from_pandas(metrics, schema=METRIC_SCHEMA, preserve_index=False))
     images = make_plots(metrics, out_dir) if plots else []
-    md, page = render(metrics, [Path(p).name for p in images])
+    md, page = render(metrics, [storage.path(p).name for p in images])
     storage.write_text(out_dir / layout.LEADERBOARD_MD, md)
     storage.write_text(out_dir / layout.LEADERBOARD_HTML, page)
     written = [str(cache_path), str(out_dir / layout.LEADERBOARD_MD), str(out_dir / layout.LEADERBOARD_HTML)] + images

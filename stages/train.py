@@ -1,4 +1,4 @@
-"""`train`: Ray Train of MA-LMM's trainable parts from cached features, resumable.
+"""`train`: Ray Train of MA-LMM's trainable parts from cached features, resumable and fault tolerant.
 
 The flow, top to bottom:
 
@@ -7,10 +7,22 @@ The flow, top to bottom:
 2. **fit** (Ray Train `TorchTrainer`, one process per worker) – each worker loads the
    model (frozen LLM, trainable Q-Former / query tokens / projection / ln_vision /
    frame PE), reads its slice of every global batch from the shards, and steps AdamW
-   with linear warm-up then cosine decay (`pipeline.optim`). Rank 0 writes checkpoints every
-   N steps and at each epoch end, the Parquet metrics log, and validates each epoch.
-3. **resume** – a run folder holding a checkpoint continues from it exactly: weights,
-   optimiser, scheduler, RNG and data position (epoch, step in epoch).
+   with linear warm-up then cosine decay (`pipeline.optim`) under the run's precision
+   (`pipeline.precision`). Every N steps and at each epoch end the workers report a
+   checkpoint through Ray Train (`ray.train.report`): rank 0 its weights, optimiser,
+   scheduler, state and metrics log, every rank its RNG state; Ray Train persists it under
+   ``checkpoints/step-N`` of the run folder (a local folder or an object-store URI) and keeps
+   the last ``--keep-last``. After each epoch every rank validates its share of the val split
+   and the predictions are gathered, so all ranks hold the same scores.
+3. **recover** – a worker that dies (or raises) is restarted by Ray Train with the whole
+   group (`FailureConfig(max_failures)`) from the last reported checkpoint, and a run folder
+   that holds checkpoints is continued the same way by the next `train` (Ray Train restores
+   from the run's checkpoint record): weights, optimiser, scheduler, RNG and data position
+   (epoch, step in epoch), so the loss trajectory is the one an uninterrupted run gives.
+
+Progress and metrics reach the driver through Ray: rank 0 sends each step's row to a small
+progress actor that the driver's progress bar polls, and each checkpoint's metrics are Ray
+Train's reported metrics. Every collective runs on the worker's device (NCCL on GPUs).
 
 The sample order is a seeded permutation per epoch; global batch k is split evenly
 across workers, so N workers see the same samples per step as one.
@@ -18,16 +30,16 @@ across workers, so N workers see the same samples per step as one.
 Every cached sample is verified as it is read (`FeatureStore.load`). A corrupt one stops
 the run with `CorruptFeaturesError` naming its shard, key and member, rather than being
 skipped: skipping would change the batches (and so the trajectory, and what N workers
-compute against one) silently. The fix is to re-extract that shard; the run then resumes
-from its last checkpoint exactly. The run folder is locked while train writes it
-(`pipeline.lock`).
+compute against one) silently. A restarted worker group meets the same sample again, so the
+first worker to meet it records it and the restarted groups stop at once. The fix is to
+re-extract that shard; the run then resumes from its last checkpoint exactly. The run folder
+is locked while train writes it (`pipeline.lock`).
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -44,7 +56,7 @@ from pipeline.data import FeatureStore, SampleDataset, collate, join_samples
 from pipeline.defaults import resolve_model_dir
 from pipeline.lock import OutputLock
 from pipeline.manifest import read_manifest
-from pipeline import layout, metrics, storage
+from pipeline import layout, metrics, precision, storage
 from pipeline.model.hashing import module_digest
 from pipeline.optim import adamw, lr_lambda, param_groups, warmup_cosine  # noqa: F401  (lr_lambda: re-exported)
 from pipeline.runtime import init_ray
@@ -81,11 +93,11 @@ def _integrity_error(e: BaseException, _seen=None):
     return None
 
 
-def _raise_if_corrupt(e: BaseException, run_dir: Path) -> None:
+def _raise_if_corrupt(e: BaseException, run_dir) -> None:
     err = _integrity_error(e)
     if err is not None:  # its message names the shard, key and member, and how to rebuild the shard
         raise CorruptFeaturesError(f"training stopped on a corrupt cached sample, nothing was trained on it: {err} "
-                                   f"(checkpoints so far are kept in {run_dir / CKPT_DIR})") from e
+                                   f"(checkpoints so far are kept in {layout.checkpoints_dir(run_dir)})") from e
     if "CorruptSampleError" in str(e) or "MalformedShardError" in str(e):  # wrapped beyond recognition: its text
         line = next((ln for ln in str(e).splitlines() if "SampleError" in ln or "ShardError" in ln), str(e))
         raise CorruptFeaturesError(f"training stopped on a corrupt cached sample: {line.strip()}") from e
@@ -97,6 +109,7 @@ def plan(cfg: TrainConfig) -> dict:
     """Resolve per-benchmark defaults and join samples; raise TrainInputError with counts on bad input."""
     if not cfg.manifest:
         raise TrainInputError("--manifest is required")
+    precision.check(cfg.precision, gpu=cfg.use_gpu)
     manifest = read_manifest(cfg.manifest)
     try:
         store = FeatureStore(cfg.features)
@@ -135,39 +148,71 @@ def malmm_config(cfg: TrainConfig, hp: dict):
                        aggregation=cfg.aggregation)
 
 
-# ----------------------------------------------------------------------------- optimiser
-
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 7]).permutation(n)
+
+
+# ----------------------------------------------------------------------------- progress, through Ray
+
+class TrainProgress:
+    """A Ray actor between the workers and the driver: rank 0 sends each step's row, each (re)start
+    of the worker group and, once, a corrupt cached sample; the driver polls `state`."""
+
+    def __init__(self):
+        self.row: dict | None = None
+        self.attempts: list[dict] = []
+        self.corrupt: BaseException | None = None
+
+    def step(self, row: dict) -> None:
+        self.row = row
+
+    def started(self, info: dict) -> None:
+        self.attempts.append(info)
+
+    def corrupt_sample(self, error: BaseException) -> None:
+        self.corrupt = self.corrupt or error
+
+    def state(self) -> dict:
+        return {"row": self.row, "attempts": list(self.attempts)}
+
+    def corrupt_error(self) -> BaseException | None:
+        return self.corrupt
 
 
 # ----------------------------------------------------------------------------- worker
 
 def train_loop(loop_cfg: dict) -> None:
     """Ray Train worker: one process of the data-parallel group."""
-    import ray.train  # heavy (ray, torch, the model package): imported in the worker
+    import ray  # heavy (ray, torch, the model package): imported in the worker
+    import ray.train
     import torch
+    import torch.distributed as dist
     from torch.utils.data import DataLoader
 
-    from pipeline.model.checkpoint import CHECKPOINT_WEIGHTS, load_malmm  # heavy (torch): imported on use
+    from pipeline.model.checkpoint import load_malmm  # heavy (torch): imported on use
     from pipeline.model.modeling_malmm import MALMMConfig
 
     _quiet_ray_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = TrainConfig(**loop_cfg["cfg"])
-    hp, run_dir = loop_cfg["hp"], Path(loop_cfg["run_dir"])
+    hp, run_dir, progress = loop_cfg["hp"], storage.path(loop_cfg["run_dir"]), loop_cfg["progress"]
+    corrupt = ray.get(progress.corrupt_error.remote())
+    if corrupt is not None:  # an earlier attempt met a corrupt cached sample: the restart would meet it again
+        raise corrupt
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(loop_cfg.get("threads", 1))))
-    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if cfg.use_gpu and torch.cuda.is_available():
+        import ray.train.torch  # heavy: imported on use
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # object collectives (the validation gather) use the current device
+    prec = precision.resolve(cfg.precision, device)
 
     model = load_malmm(loop_cfg["model_dir"], MALMMConfig(**loop_cfg["malmm"]))
     model.to(device)
     llm_before = llm_digest(model) if rank == 0 else None
-    ddp = None
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-    fwd = ddp or model
+    fwd = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else model
 
     samples = loop_cfg["train_samples"]
     dataset = SampleDataset(samples, cfg.features, hp["num_frames"], train=True, seed=cfg.seed)
@@ -182,97 +227,104 @@ def train_loop(loop_cfg: dict) -> None:
     # tiny default's 112 tensors against 1.3 ms, measured on a CPU); the same update up to rounding
     optimizer = adamw(param_groups(model, cfg.weight_decay), hp["lr"], fused=device.type in ("cpu", "cuda"))
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
+    scaler = precision.grad_scaler(prec, device)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None}
     log_rows: list[dict] = []
-    resume = loop_cfg.get("resume_from")
-    if resume:
-        from safetensors.torch import load_file  # heavy: imported on use
-        resume = storage.local_path(resume)
-        model.load_state_dict(load_file(str(resume / CHECKPOINT_WEIGHTS)), strict=False)
-        optimizer.load_state_dict(torch.load(resume / layout.OPTIMIZER, weights_only=True))
-        scheduler.load_state_dict(torch.load(resume / layout.SCHEDULER, weights_only=True))
-        rng = resume / layout.rng_name(rank)
-        if storage.exists(rng):
-            torch.set_rng_state(torch.load(rng, weights_only=True))
-        state = storage.read_json(resume / layout.STATE)
-        if storage.exists(layout.metrics_path(run_dir)):
-            log = storage.read_parquet(layout.metrics_path(run_dir))
-            log_rows = log[log.global_step <= state["global_step"]].to_dict("records")
+    resume = ray.train.get_checkpoint()
+    if resume is not None:  # Ray Train's last reported checkpoint: a restarted group, or a run folder resumed
+        with resume.as_directory() as d:
+            state, log_rows = _restore(Path(d), model, optimizer, scheduler, scaler, rank, device)
+    elif loop_cfg.get("legacy_resume"):  # a run folder checkpointed before Ray Train recorded its checkpoints
+        state, log_rows = _restore(storage.local_path(loop_cfg["legacy_resume"]), model, optimizer, scheduler,
+                                   scaler, rank, device)
+    if rank == 0:
+        progress.started.remote({"resumed_step": state["global_step"], "world": world, "device": str(device),
+                                 "precision": prec})
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    def global_mean(value: float) -> float:
+        """The mean over ranks; the tensor lives on the worker's device, as NCCL requires."""
+        if not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / world
+
+    def checkpoint(epoch_end: bool = False) -> None:
+        _checkpoint(model, optimizer, scheduler, scaler, state, run_dir, rank, world, log_rows, hp["num_frames"],
+                    epoch_end)
+
     model.train()
-    for epoch in range(state["epoch"], hp["epochs"]):
-        dataset.set_epoch(epoch)
-        order = epoch_order(len(samples), cfg.seed, epoch)[: steps_per_epoch * global_bs]
-        batches = order.reshape(steps_per_epoch, global_bs)[:, rank * local_bs:(rank + 1) * local_bs]
-        start = state["step_in_epoch"] if epoch == state["epoch"] else 0
-        loader = DataLoader(dataset, batch_sampler=[list(b) for b in batches[start:]], collate_fn=collate,
-                            num_workers=loop_cfg.get("loader_workers", 0),
-                            # its own generator: creating a loader must not draw from the global RNG, or a
-                            # resumed epoch would shift every dropout mask after it
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        t_wait = time.perf_counter()
-        accum_loss, micro = 0.0, 0
-        for step_in_epoch, batch in enumerate(loader, start=start):
-            t_got = time.perf_counter()
-            with autocast:
-                out = fwd(features=batch["features"].to(device), prompts=batch["prompts"],
-                          targets=batch["answers"])
-            (out.loss / cfg.grad_accum).backward()
-            accum_loss += float(out.loss.detach())
-            micro += 1
-            if micro < cfg.grad_accum and step_in_epoch + 1 < steps_per_epoch:
-                continue
-            lr_used = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_epoch"] = step_in_epoch + 1
-            step_loss = accum_loss / micro
-            if world > 1:  # log the global batch's loss (mean of the ranks' means), not rank 0's half
-                import torch.distributed as dist  # heavy: imported on use
-                t = torch.tensor([step_loss], dtype=torch.float64)
-                dist.all_reduce(t)
-                step_loss = float(t[0]) / world
-            t_done = time.perf_counter()
-            row = {"global_step": state["global_step"], "epoch": epoch, "loss": step_loss,
-                   "lr": lr_used, "samples_per_s": global_bs * micro / max(1e-9, t_done - t_wait),
-                   "data_wait_frac": (t_got - t_wait) / max(1e-9, t_done - t_wait)}
-            accum_loss, micro = 0.0, 0
-            log_rows.append(row)
-            if rank == 0:
-                _write_progress(run_dir, row)
+    try:
+        for epoch in range(state["epoch"], hp["epochs"]):
+            dataset.set_epoch(epoch)
+            order = epoch_order(len(samples), cfg.seed, epoch)[: steps_per_epoch * global_bs]
+            batches = order.reshape(steps_per_epoch, global_bs)[:, rank * local_bs:(rank + 1) * local_bs]
+            start = state["step_in_epoch"] if epoch == state["epoch"] else 0
+            loader = DataLoader(dataset, batch_sampler=[list(b) for b in batches[start:]], collate_fn=collate,
+                                num_workers=loop_cfg.get("loader_workers", 0),
+                                # its own generator: creating a loader must not draw from the global RNG, or a
+                                # resumed epoch would shift every dropout mask after it
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
             t_wait = time.perf_counter()
-            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows,
-                            num_frames=hp["num_frames"])
-            if loop_cfg.get("stop_after_step") and state["global_step"] >= loop_cfg["stop_after_step"]:
-                return  # `run(stop_after_step=…)`: end here as a killed run would
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        val = None
-        if rank == 0 and cfg.validate and loop_cfg.get("val_samples"):
-            val = _validate(model, loop_cfg["val_samples"], cfg, hp, device)
-            log_rows[-1].update({f"val_{k}": v for k, v in val.items()})
-            model.train()
-        if val is not None:
-            score = val.get("top1", val.get("cider"))
-            if score is not None and (state["best"] is None or score > state["best"]["score"]):
-                state["best"] = {"score": score, "global_step": state["global_step"]}
-        _checkpoint(model, optimizer, scheduler, state, run_dir, rank, world, cfg, log_rows, epoch_end=True,
-                    num_frames=hp["num_frames"])
-        ray.train.report({**log_rows[-1], **({"val": val} if val else {})})
+            accum_loss, micro = 0.0, 0
+            for step_in_epoch, batch in enumerate(loader, start=start):
+                t_got = time.perf_counter()
+                with precision.autocast(prec, device):
+                    out = fwd(features=batch["features"].to(device), prompts=batch["prompts"],
+                              targets=batch["answers"])
+                scaler.scale(out.loss / cfg.grad_accum).backward()
+                accum_loss += float(out.loss.detach())
+                micro += 1
+                if micro < cfg.grad_accum and step_in_epoch + 1 < steps_per_epoch:
+                    continue
+                lr_used = scheduler.get_last_lr()[0]
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["global_step"] += 1
+                state["step_in_epoch"] = step_in_epoch + 1
+                step_loss = global_mean(accum_loss / micro)  # the global batch's loss, not rank 0's share
+                t_done = time.perf_counter()
+                row = {"global_step": state["global_step"], "epoch": epoch, "loss": step_loss,
+                       "lr": lr_used, "samples_per_s": global_bs * micro / max(1e-9, t_done - t_wait),
+                       "data_wait_frac": (t_got - t_wait) / max(1e-9, t_done - t_wait)}
+                accum_loss, micro = 0.0, 0
+                log_rows.append(row)
+                if rank == 0:
+                    progress.step.remote(row)
+                t_wait = time.perf_counter()
+                if (cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0
+                        and state["step_in_epoch"] < steps_per_epoch):  # an epoch's last step: its end's checkpoint
+                    checkpoint()
+                if loop_cfg.get("stop_after_step") and state["global_step"] >= loop_cfg["stop_after_step"]:
+                    return  # `run(stop_after_step=…)`: end here as a killed run would
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            if cfg.validate and loop_cfg.get("val_samples"):
+                val = _validate(model, loop_cfg["val_samples"], cfg, hp, device, rank, world)
+                log_rows[-1].update({f"val_{k}": v for k, v in val.items()})
+                model.train()
+                score = val.get("top1", val.get("cider"))
+                if score is not None and (state["best"] is None or score > state["best"]["score"]):
+                    state["best"] = {"score": score, "global_step": state["global_step"]}
+                    if rank == 0:  # the best weights on validation, for `infer --checkpoint RUN/best`
+                        from pipeline.model.checkpoint import save_checkpoint
+                        save_checkpoint(model, layout.best_dir(run_dir), num_frames=hp["num_frames"])
+            checkpoint(epoch_end=True)
+    except ShardIntegrityError as e:
+        progress.corrupt_sample.remote(e)  # a restarted group stops at once instead of meeting it again
+        raise
     if rank == 0:  # the frozen LLM must come out of training bit-identical
         after = llm_digest(model)
         storage.write_json(layout.frozen_llm_path(run_dir), {"sha256_before": llm_before, "sha256_after": after,
-                                                 "unchanged": after == llm_before,
-                                                 "trainable_llm_params": sum(p.requires_grad for p in
-                                                                             model.llm.parameters())})
+                                                             "unchanged": after == llm_before,
+                                                             "trainable_llm_params": sum(p.requires_grad for p in
+                                                                                         model.llm.parameters())})
 
 
 def _quiet_ray_train_worker() -> None:
     """Ray Train V2 logs every ``ray.train.report`` call at INFO under a logger named by its file path."""
+    import logging
     try:  # optional: Ray Train V2's private module, absent from other Ray versions
         from ray.train.v2._internal.execution import context
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
@@ -285,76 +337,124 @@ def llm_digest(model) -> str:
     return module_digest(model.llm)
 
 
-def _write_progress(run_dir: Path, row: dict) -> None:
-    storage.write_json(layout.progress_path(run_dir), row, raw=True)
+def _restore(d: Path, model, optimizer, scheduler, scaler, rank: int, device) -> tuple[dict, list[dict]]:
+    """Load a checkpoint folder (local) into the model, optimiser, scheduler, scaler and this rank's RNG;
+    returns the training state (data position) and the metrics log up to its step."""
+    import torch  # heavy: imported on use
+    from safetensors.torch import load_file
+
+    from pipeline.model.checkpoint import CHECKPOINT_WEIGHTS
+
+    model.load_state_dict(load_file(str(d / CHECKPOINT_WEIGHTS)), strict=False)
+    optimizer.load_state_dict(torch.load(d / layout.OPTIMIZER, map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(d / layout.SCHEDULER, weights_only=True))
+    if (d / layout.SCALER).exists():
+        scaler.load_state_dict(torch.load(d / layout.SCALER, weights_only=True))
+    rng = d / layout.rng_name(rank)
+    if rng.exists():
+        saved = torch.load(rng, weights_only=True)
+        torch.set_rng_state(saved["cpu"] if isinstance(saved, dict) else saved)
+        if isinstance(saved, dict) and saved.get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"], device)
+    state = storage.read_json(d / layout.STATE)
+    log = d / layout.METRICS
+    if not log.exists():  # checkpoints from before the log travelled with them
+        log = layout.metrics_path(Path(d).parents[1])
+    rows = []
+    if storage.exists(log):
+        df = storage.read_parquet(log)
+        rows = [{k: v for k, v in r.items() if not _missing(v)} for r in
+                df[df.global_step <= state["global_step"]].to_dict("records")]
+    return state, rows
 
 
-def _checkpoint(model, optimizer, scheduler, state, run_dir: Path, rank: int, world: int, cfg: TrainConfig,
-                log_rows: list[dict], epoch_end: bool = False, num_frames: int | None = None) -> None:
-    """Write a checkpoint folder atomically (rank 0: weights, optimiser, scheduler, state, log; every rank: RNG)."""
-    import torch  # heavy (torch, the model package): imported on use
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def _checkpoint(model, optimizer, scheduler, scaler, state: dict, run_dir, rank: int, world: int,
+                log_rows: list[dict], num_frames: int, epoch_end: bool) -> None:
+    """Report a checkpoint through Ray Train: rank 0 writes the weights, optimiser, scheduler, scaler,
+    state and metrics log, every rank its RNG state, into a local folder that Ray Train persists as
+    ``checkpoints/step-N`` of the run folder (one folder, merged from every rank). Once every rank
+    has reported, rank 0 writes the run's metrics log and ``latest.json`` (the completion marker
+    `infer` and `status` read)."""
+    import ray.train  # heavy (ray, torch, the model package): imported on use
+    import torch
     import torch.distributed as dist
 
     from pipeline.model.checkpoint import save_checkpoint
 
     name = layout.step_name(state["global_step"])
-    ckpts = layout.checkpoints_dir(run_dir)
-    tmp = ckpts / f".{name}.tmp"  # every rank writes into it; rank 0 puts it in place when it is complete
+    with tempfile.TemporaryDirectory(prefix=f"malmm-{name}-") as tmp:
+        d = Path(tmp)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
+        torch.save(rng if "cuda" in rng else rng["cpu"], d / layout.rng_name(rank))
+        if rank == 0:
+            save_checkpoint(model, d, num_frames=num_frames)
+            torch.save(optimizer.state_dict(), d / layout.OPTIMIZER)
+            torch.save(scheduler.state_dict(), d / layout.SCHEDULER)
+            if scaler.is_enabled():
+                torch.save(scaler.state_dict(), d / layout.SCALER)
+            storage.write_json(d / layout.STATE, state, raw=True, mode=storage.UMASK, indent=1)
+            write_log(d / layout.METRICS, log_rows)
+        metrics_now = {k: v for k, v in (log_rows[-1] if log_rows else {}).items() if not isinstance(v, list)}
+        ray.train.report({**metrics_now, "epoch_end": epoch_end}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=name)
+    if dist.is_initialized() and world > 1:
+        dist.barrier()  # every rank's files are persisted
     if rank == 0:
-        storage.remove_tree(tmp)
-        storage.makedirs(tmp)
-    if world > 1:
-        dist.barrier()
-    torch.save(torch.get_rng_state(), storage.local_path(tmp / layout.rng_name(rank)))
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return
-    save_checkpoint(model, tmp, num_frames=num_frames)
-    torch.save(optimizer.state_dict(), storage.local_path(tmp / layout.OPTIMIZER))
-    torch.save(scheduler.state_dict(), storage.local_path(tmp / layout.SCHEDULER))
-    storage.write_json(tmp / layout.STATE, state, raw=True, mode=storage.UMASK, indent=1)
-    storage.write_parquet(layout.metrics_path(run_dir), log_rows)
-    storage.replace_dir(tmp, ckpts / name)
-    _prune(ckpts, cfg.keep_last, state.get("best"))
-    storage.write_json(layout.latest_path(run_dir), {"checkpoint": name, **state})  # last: marks it complete
+        write_log(layout.metrics_path(run_dir), log_rows)
+        storage.write_json(layout.latest_path(run_dir), {"checkpoint": name, **state})  # last: marks it complete
 
 
-def _prune(ckpts: Path, keep_last: int, best: dict | None) -> None:
-    names = [p.name for p in storage.listdir(ckpts, layout.STEP_GLOB, dirs=True)]
-    keep = set(names[-keep_last:]) if keep_last > 0 else set(names)
-    if best:
-        keep.add(layout.step_name(best["global_step"]))
-    for n in names:
-        if n not in keep:
-            storage.remove_tree(ckpts / n)
+def write_log(path, rows: list[dict]) -> None:
+    """The metrics log as Parquet: one row per optimiser step, the validation columns on each epoch's
+    last step (a column for every key any row has)."""
+    import pyarrow as pa  # heavy: imported on use
+    storage.write_parquet(path, pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
 
 
-def _validate(model, samples, cfg: TrainConfig, hp: dict, device) -> dict:
-    """Score the val split with the same generation and scoring path as `infer` / `report`."""
-    preds = predict_samples(model, samples, cfg.features, hp["num_frames"], batch_size=hp["batch_size"],
-                            device=device)
-    out = {}
+def _validate(model, samples, cfg: TrainConfig, hp: dict, device, rank: int, world: int) -> dict:
+    """Score the val split with the same generation and scoring path as `infer` / `report`. Each rank
+    predicts every ``world``-th sample; the predictions are gathered, so every rank gets the same scores."""
+    import torch.distributed as dist  # heavy: imported on use
+
+    mine = samples[rank::world]
+    preds = predict_samples(model, mine, cfg.features, hp["num_frames"], batch_size=hp["batch_size"], device=device)
+    counts = [len(mine)]
+    if dist.is_initialized() and world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (len(mine), preds))
+        counts = [n for n, _ in parts]
+        preds = [p for _, ps in parts for p in ps]
+    out: dict = {}
     for (b, t), df in pd.DataFrame(preds).groupby(["benchmark", "task"]):
         for m in metrics.score(protocol(b, t), df, n_boot=0):
             out.setdefault(m["metric"], []).append(m["value"])
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    return {**{k: float(np.mean(v)) for k, v in out.items()}, "samples_per_rank": counts}
 
 
 # ----------------------------------------------------------------------------- driver
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    names = storage.listdir(layout.checkpoints_dir(run_dir), layout.STEP_GLOB, dirs=True)
-    return names[-1] if names else None
+def latest_checkpoint(run_dir):
+    """The run's last complete checkpoint folder (named by ``latest.json``), or None."""
+    latest = storage.read_json(layout.latest_path(run_dir), missing_ok=True)
+    if latest is None:
+        return None
+    d = layout.checkpoint_dir(run_dir, latest["checkpoint"])
+    return d if storage.exists(d / layout.STATE) else None
 
 
 # what decides a run's trajectory: a checkpoint is only resumed under the same values (paths to the data, the worker
-# count, checkpointing, validation and the cluster address may change between attempts)
+# count, checkpointing, validation, precision and the cluster address may change between attempts)
 TRAJECTORY_FIELDS = ("benchmark", "task", "model", "memory", "visual_memory", "query_memory",
                      "aggregation", "weight_decay", "warmup_steps", "grad_accum", "seed")
 
 
-def _check_same_run(run_dir: Path, cfg: TrainConfig, hp: dict) -> None:
+def _check_same_run(run_dir, cfg: TrainConfig, hp: dict) -> None:
     """Refuse to resume a run folder whose checkpoints were trained with other settings.
 
     Resuming under, say, another learning rate or epoch count would silently mix two schedules
@@ -375,7 +475,8 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig, hp: dict) -> None:
 
 def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None = None,
         threads: int | None = None, progress_desc: str = "train", progress_position: int | None = None) -> dict:
-    """Train (or resume) one run; returns its folder, final metrics and checkpoint.
+    """Train (or resume) one run; returns its folder, final metrics and checkpoint, and the attempts
+    (one per start of the worker group: the step each resumed from).
 
     ``threads``: torch threads of each worker (default: the machine's CPUs over the workers).
     ``stop_after_step``: the workers end right after that optimiser step, without the epoch-end
@@ -387,8 +488,8 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
     refused at once. A corrupt cached sample stops the run with `CorruptFeaturesError` naming
     its shard and key (see the module docstring).
     """
-    # the workers of a Ray cluster do not run in the driver's folder: relative paths are made absolute here
-    cfg = replace(cfg, features=str(Path(cfg.features).resolve()), out=str(Path(cfg.out).resolve()))
+    # the workers of a Ray cluster do not run in the driver's folder: local paths are made absolute here
+    cfg = replace(cfg, features=str(storage.resolved(cfg.features)), out=str(storage.resolved(cfg.out)))
     p = plan(cfg)
     with ExitStack() as held:
         if not cfg.dry_run:  # one writer per run folder: a second train into it is refused at once
@@ -398,12 +499,12 @@ def run(cfg: TrainConfig, *, progress: bool = True, stop_after_step: int | None 
 
 def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None, threads: int | None,
          progress_desc: str, progress_position: int | None) -> dict:
-    import ray.train  # heavy: imported on use (keeps the CLI's start-up fast)
-    from ray.train import RunConfig, ScalingConfig
+    import ray  # heavy: imported on use (keeps the CLI's start-up fast)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     hp = p["hp"]
-    run_dir = Path(cfg.out)
+    run_dir = storage.path(cfg.out)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     if resume_from is not None:
         _check_same_run(run_dir, cfg, hp)
@@ -418,9 +519,11 @@ def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None,
     if cfg.dry_run:  # plans only: nothing is written or deleted
         return {"plan": p, "resume_from": resume_from}
     storage.makedirs(run_dir)
-    if not cfg.resume and storage.exists(layout.checkpoints_dir(run_dir)):
+    if not cfg.resume:  # --restart: Ray Train's checkpoint record goes with the checkpoints
         storage.remove_tree(layout.checkpoints_dir(run_dir))
-        storage.remove(layout.metrics_path(run_dir))
+        for f in (layout.metrics_path(run_dir), layout.latest_path(run_dir)):
+            storage.remove(f)
+        storage.remove_tree(layout.best_dir(run_dir))
     model_dir = str(resolve_model_dir(cfg.model))
     mcfg = malmm_config(cfg, hp)
     run_info = {"config": asdict(cfg), "hp": hp, "malmm": asdict(mcfg), "model_dir": model_dir,
@@ -428,33 +531,47 @@ def _run(cfg: TrainConfig, p: dict, progress: bool, stop_after_step: int | None,
                 "skipped": p["train"].missing}
     storage.write_json(layout.run_info_path(run_dir), run_info)
     init_ray(cfg.address)
+    tracker = ray.remote(num_cpus=0)(TrainProgress).remote()
     n_cpus = max(1, (os.cpu_count() or 1) // max(1, cfg.num_workers))
+    # Ray Train restores from its own checkpoint record; a run folder checkpointed before it kept one
+    # resumes from its latest.json instead
+    legacy = resume_from if resume_from is not None and not storage.exists(
+        layout.checkpoints_dir(run_dir) / layout.RAY_TRAIN_RECORD) else None
     loop_cfg = {"cfg": asdict(cfg), "hp": hp, "run_dir": str(run_dir), "model_dir": model_dir, "malmm": asdict(mcfg),
-                "train_samples": p["train"].samples, "val_samples": p["val"].samples,
-                "resume_from": str(resume_from) if resume_from else None, "stop_after_step": stop_after_step,
+                "train_samples": p["train"].samples, "val_samples": p["val"].samples, "progress": tracker,
+                "legacy_resume": str(legacy) if legacy else None, "stop_after_step": stop_after_step,
                 "threads": threads or n_cpus}
+    fs, ray_path = storage.arrow(run_dir)
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=str(run_dir / "ray"), name="train",
-                             ),
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(storage_path=ray_path, storage_filesystem=fs if storage.is_uri(run_dir) else None,
+                             name=CKPT_DIR,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last if cfg.keep_last > 0 else None),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     total_steps = max(1, (len(p["train"].samples) // hp["batch_size"]) // cfg.grad_accum) * hp["epochs"]
     try:
-        result = _fit_with_progress(trainer, run_dir, total_steps, progress, progress_desc, progress_position)
+        result, attempts = _fit_with_progress(trainer, tracker, total_steps, progress, progress_desc,
+                                              progress_position)
     except Exception as e:
         _raise_if_corrupt(e, run_dir)
         raise
+    finally:
+        ray.kill(tracker)
     if result.error:
         _raise_if_corrupt(result.error, run_dir)
         raise result.error
-    return {"run_dir": str(run_dir), "metrics": result.metrics, "checkpoint": str(latest_checkpoint(run_dir))}
+    return {"run_dir": str(run_dir), "metrics": result.metrics, "checkpoint": str(latest_checkpoint(run_dir)),
+            "attempts": attempts}
 
 
-def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool, desc: str = "train",
+def _fit_with_progress(trainer, tracker, total_steps: int, progress: bool, desc: str = "train",
                        position: int | None = None):
-    """Run ``trainer.fit()`` while a tqdm bar follows the ``progress.json`` that rank 0 writes each step."""
+    """Run ``trainer.fit()`` while a tqdm bar follows the rows rank 0 sends the progress actor."""
+    import ray  # heavy: imported on use
+
     box: dict = {}
 
     def fit():
@@ -464,21 +581,26 @@ def _fit_with_progress(trainer, run_dir: Path, total_steps: int, progress: bool,
             box["error"] = e
 
     thread = threading.Thread(target=fit, daemon=True)
-    storage.remove(layout.progress_path(run_dir))
     thread.start()
     bar = tqdm(total=total_steps, unit="step", desc=desc, file=sys.stderr, disable=not progress, position=position)
-    while thread.is_alive():
+    attempts: list[dict] = []
+    while True:
         thread.join(0.5)
         try:
-            p = storage.read_json(layout.progress_path(run_dir))
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        if p["global_step"] == bar.n:
-            continue
-        bar.n = p["global_step"]
-        bar.set_postfix(epoch=p["epoch"], loss=f"{p['loss']:.3f}")
-        bar.refresh()
+            st = ray.get(tracker.state.remote(), timeout=10)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            st = None
+        if st is not None:
+            attempts = st["attempts"]
+            row = st["row"]
+            if row is not None and row["global_step"] != bar.n:
+                bar.n = row["global_step"]
+                bar.set_postfix(epoch=row["epoch"], loss=f"{row['loss']:.3f}",
+                                **({"restarts": len(attempts) - 1} if len(attempts) > 1 else {}))
+                bar.refresh()
+        if not thread.is_alive():
+            break
     bar.close()
     if "error" in box:
         raise box["error"]
-    return box["result"]
+    return box["result"], attempts

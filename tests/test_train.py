@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -58,12 +62,18 @@ def test_loss_falls_and_checkpoints(full_run):
     assert ((log.data_wait_frac >= 0) & (log.data_wait_frac < 1)).all()
     # warm-up then cosine to zero
     assert log.lr.iloc[0] < log.lr.iloc[1] == pytest.approx(2e-3) and log.lr.iloc[-1] < 0.05 * 2e-3
-    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert len(ckpts) == 2 and ckpts[-1] == f"step-{len(log):08d}"  # keep_last=2
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 2 and ckpts[-1] == f"step-{len(log):08d}"  # keep_last=2: Ray Train deleted the others
+    assert (out / "checkpoints" / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's record of them
     latest = json.loads((out / "latest.json").read_text())
     assert latest["checkpoint"] == ckpts[-1] and latest["epoch"] == 3
+    # progress and metrics came through Ray: the result's reported metrics, no file polled by the driver
+    assert res["metrics"]["global_step"] == len(log) and res["metrics"]["loss"] == pytest.approx(log.loss.iloc[-1])
+    assert not (out / "progress.json").exists()
+    assert [a["resumed_step"] for a in res["attempts"]] == [0] and res["attempts"][0]["precision"] == "fp32"
     files = {p.name for p in (out / "checkpoints" / ckpts[-1]).iterdir()}
-    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json"} <= files
+    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json",
+            "metrics.parquet"} <= files
 
 
 @pytest.mark.slow
@@ -208,3 +218,83 @@ def test_dry_run_writes_and_deletes_nothing(features_small, synth_small, tmp_pat
     assert (out / "checkpoints" / "step-00000004").exists() and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
     assert not train.run(replace(_cfg(features_small, synth_small, tmp_path / "new"), dry_run=True),
                          progress=False)["resume_from"] and not (tmp_path / "new").exists()
+
+
+def _ray_train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                       detail=True)]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(features_small, synth_small, ray_local, tiny_model,
+                                                              tmp_path):
+    """Ray Train's FailureConfig: a worker killed with SIGKILL mid-training restarts the group from the last
+    reported checkpoint, and the run ends with the loss trajectory of a run that was never killed."""
+    from stages import train
+    kw = dict(num_workers=2, epochs=3, checkpoint_every=2, max_failures=2)
+    ref = train.run(_cfg(features_small, synth_small, tmp_path / "ref", **kw), progress=False)
+    cut_dir = tmp_path / "cut"
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(res=train.run(_cfg(features_small, synth_small, cut_dir, **kw),
+                                                                      progress=False)))
+    thread.start()
+    killed, deadline = None, time.monotonic() + 300
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        latest = cut_dir / "latest.json"
+        if latest.exists() and json.loads(latest.read_text())["global_step"] >= 4:  # a checkpoint to restart from
+            pids = _ray_train_worker_pids()
+            if len(pids) == 2:
+                killed = max(pids)
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(600)
+    assert killed is not None, "the run ended before a worker could be killed"
+    res, total = box["res"], len(_losses(tmp_path / "ref"))
+    resumed = [a["resumed_step"] for a in res["attempts"]]
+    # restarted once, from a checkpoint Ray Train had registered (every 2 steps), not from the start
+    assert len(resumed) == 2 and resumed[0] == 0 and 0 < resumed[1] < total and resumed[1] % 2 == 0, resumed
+    assert [a["resumed_step"] for a in ref["attempts"]] == [0]
+    ref_log, cut_log = _losses(tmp_path / "ref"), _losses(cut_dir)
+    assert list(cut_log.global_step) == list(ref_log.global_step)  # no step lost or logged twice
+    np.testing.assert_allclose(cut_log.loss, ref_log.loss, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(cut_log.lr, ref_log.lr, rtol=1e-9)
+    assert json.loads((cut_dir / "latest.json").read_text())["global_step"] == total
+
+
+@pytest.mark.slow
+def test_validation_is_spread_over_the_ranks(features_small, synth_small, ray_local, no_dropout_model, tmp_path):
+    """Each rank predicts its share of the val split; the gathered scores equal one worker's."""
+    from stages import train
+    df = pd.read_csv(synth_small / "manifest.csv")
+    df.loc[df.split == "test", "split"] = "val"  # the synthetic benchmark has no val split: its test rows serve
+    manifest = tmp_path / "with_val.csv"
+    df.to_csv(manifest, index=False)
+    n_val = int(((df.split == "val") & (df.task == "first_color")).sum())
+    # a vanishing learning rate: the weights stay as loaded, so 1 and 2 workers validate the same model
+    kw = dict(task="first_color", epochs=1, batch_size=4, lr=1e-12, model=str(no_dropout_model), checkpoint_every=0,
+              validate=True, manifest=str(manifest))
+    rows = {}
+    for n in (1, 2):
+        cfg = replace(_cfg(features_small, synth_small, tmp_path / f"w{n}", num_workers=n), **kw)
+        train.run(cfg, progress=False)
+        rows[n] = _losses(tmp_path / f"w{n}").iloc[-1]
+    assert list(rows[1].val_samples_per_rank) == [n_val]
+    assert list(rows[2].val_samples_per_rank) == [(n_val + 1) // 2, n_val // 2]
+    assert rows[2].val_top1 == pytest.approx(rows[1].val_top1) and rows[2].val_top5 == pytest.approx(rows[1].val_top5)
+    best = json.loads((tmp_path / "w2" / "latest.json").read_text())["best"]
+    assert best["score"] == pytest.approx(rows[2].val_top1)
+    assert (tmp_path / "w2" / "best" / "trainable.safetensors").is_file()  # the best weights, for infer
+
+
+@pytest.mark.slow
+def test_precision_bf16_trains_and_fp16_needs_a_gpu(features_small, synth_small, ray_local, tiny_model, tmp_path):
+    from stages import train
+    cfg = _cfg(features_small, synth_small, tmp_path / "bf16", task="first_color", epochs=1, batch_size=4,
+               checkpoint_every=0, precision="bf16")
+    res = train.run(cfg, progress=False)
+    assert res["attempts"][0]["precision"] == "bf16"
+    assert np.isfinite(_losses(tmp_path / "bf16").loss).all()
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        train.run(replace(cfg, out=str(tmp_path / "fp16"), precision="fp16"), progress=False)
+    assert not (tmp_path / "fp16").exists()

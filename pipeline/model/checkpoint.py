@@ -48,6 +48,20 @@ _BASE_PREFIXES = {
 
 # ----------------------------------------------------------------------------- helpers
 
+def local_checkpoint(checkpoint: str | Path) -> Path:
+    """A local path for a checkpoint given as a local path or an object-store URI. From an object store
+    (into the local object cache, `pipeline.storage`): a file as it is; one of our checkpoint folders (or
+    its weights file) only its weights and config, not the optimiser state beside them."""
+    q = storage.path(checkpoint)
+    if not storage.is_uri(q):
+        return q
+    ours = q if storage.is_dir(q) else q.parent
+    if storage.exists(ours / CHECKPOINT_CONFIG):
+        local = storage.local_path(ours, only=(CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG))
+        return local if ours == q else local / q.name
+    return storage.local_path(q)
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' load reports and progress bars (unexpected keys are expected here)."""
@@ -188,6 +202,8 @@ def load_malmm(model_dir: str | Path, config: MALMMConfig | None = None, checkpo
     from transformers import AutoTokenizer, InstructBlipConfig  # heavy: imported on use
 
     model_dir = Path(model_dir)
+    if checkpoint is not None:  # an object-store checkpoint: its local copy
+        checkpoint = local_checkpoint(checkpoint)
     if config is None and checkpoint is not None:
         config = read_checkpoint_config(checkpoint)
         if config is None and _is_pickle(Path(checkpoint)):  # a LAVIS release: the settings it records
@@ -316,8 +332,8 @@ def save_checkpoint(model: MALMM, out_dir: str | Path, *, num_frames: int | None
 
 def read_checkpoint_config(checkpoint: str | Path) -> MALMMConfig | None:
     """The :class:`MALMMConfig` recorded in one of our checkpoint directories (None for other formats)."""
-    path = Path(checkpoint)
-    path = path if path.is_dir() else path.parent
+    path = storage.path(checkpoint)
+    path = path if storage.is_dir(path) else path.parent
     if not storage.exists(path / CHECKPOINT_CONFIG):
         return None
     return MALMMConfig(**storage.read_json(path / CHECKPOINT_CONFIG)["malmm"])
@@ -361,13 +377,13 @@ def lavis_recorded_settings(checkpoint: str | Path, trust_pickle: bool = False) 
     from ``config.model``; ``num_frames`` from ``config.model``, else from the datasets (when they
     agree). Each is None when the file does not record it (e.g. a bare state dict).
     """
-    return _recorded_settings(_load_pickle(Path(checkpoint), trust_pickle))
+    return _recorded_settings(_load_pickle(local_checkpoint(checkpoint), trust_pickle))
 
 
 def release_info(checkpoint: str | Path, trust_pickle: bool = False) -> dict:
     """:func:`lavis_recorded_settings` of a release file (none for safetensors) and ``lavis_names``:
     whether its tensors carry LAVIS names (then it runs with LAVIS' ``ln_vision`` epsilon)."""
-    path = Path(checkpoint)
+    path = local_checkpoint(checkpoint)
     if path.suffix == ".safetensors":
         return {"memory_bank_length": None, "num_frames": None, "lavis_names": _looks_lavis(_file_keys(path))}
     obj = _load_pickle(path, trust_pickle)
@@ -442,7 +458,7 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
     ``model.config.ln_vision_eps`` is set; the memory settings a ``.pth`` records are applied by
     :func:`load_malmm` (or :func:`malmm_config_from_lavis`), not here.
     """
-    path = Path(checkpoint)
+    path = local_checkpoint(checkpoint)
     if path.is_dir():
         if not storage.exists(path / CHECKPOINT_WEIGHTS):
             raise FileNotFoundError(f"{path}: no {CHECKPOINT_WEIGHTS}")

@@ -65,7 +65,7 @@ def base_model_identity(model_dir: str | Path | None) -> dict:
 def checkpoint_identity(checkpoint: str | None, model_dir: str, malmm: dict) -> str:
     """A short hash naming the weights that produce the predictions."""
     h = hashlib.sha256(json.dumps(malmm, sort_keys=True).encode())
-    for path in ([Path(checkpoint)] if checkpoint else []) + [Path(model_dir)]:
+    for path in ([storage.path(checkpoint)] if checkpoint else []) + [storage.path(model_dir)]:
         for f in (f for f in storage.walk_files(path) if f.suffix in WEIGHT_SUFFIXES):
             h.update(f.name.encode())
             size = storage.size(f)
