@@ -237,9 +237,13 @@ def train_loop(loop_cfg: dict) -> None:
     elif loop_cfg.get("legacy_resume"):  # a run folder checkpointed before Ray Train recorded its checkpoints
         state, log_rows = _restore(storage.local_path(loop_cfg["legacy_resume"]), model, optimizer, scheduler,
                                    scaler, rank, device)
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if dist.is_initialized() and world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
-        progress.started.remote({"resumed_step": state["global_step"], "world": world, "device": str(device),
-                                 "precision": prec})
+        progress.started.remote({"resumed_step": state["global_step"], "world": world, "nodes": len(set(nodes)),
+                                 "device": str(device), "precision": prec})
 
     def global_mean(value: float) -> float:
         """The mean over ranks; the tensor lives on the worker's device, as NCCL requires."""
@@ -591,7 +595,12 @@ def _fit_with_progress(trainer, tracker, total_steps: int, progress: bool, desc:
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             st = None
         if st is not None:
-            attempts = st["attempts"]
+            for a in st["attempts"][len(attempts):]:  # each start of the worker group, a restart included
+                print(f"train: {'restarted' if attempts else 'started'} {a['world']} worker(s) on {a['nodes']} "
+                      f"node(s) ({a['device']}, {a['precision']})"
+                      + (f", from the checkpoint of step {a['resumed_step']}" if a["resumed_step"] else ""),
+                      file=sys.stderr, flush=True)
+                attempts = attempts + [a]
             row = st["row"]
             if row is not None and row["global_step"] != bar.n:
                 bar.n = row["global_step"]
