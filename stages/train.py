@@ -245,14 +245,6 @@ def train_loop(loop_cfg: dict) -> None:
         progress.started.remote({"resumed_step": state["global_step"], "world": world, "nodes": len(set(nodes)),
                                  "device": str(device), "precision": prec})
 
-    def global_mean(value: float) -> float:
-        """The mean over ranks; the tensor lives on the worker's device, as NCCL requires."""
-        if not dist.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item()) / world
-
     def checkpoint(epoch_end: bool = False) -> None:
         _checkpoint(model, optimizer, scheduler, scaler, state, run_dir, rank, world, log_rows, hp["num_frames"],
                     epoch_end)
@@ -288,7 +280,7 @@ def train_loop(loop_cfg: dict) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 state["global_step"] += 1
                 state["step_in_epoch"] = step_in_epoch + 1
-                step_loss = global_mean(accum_loss / micro)  # the global batch's loss, not rank 0's share
+                step_loss = global_mean(accum_loss / micro, device, world)  # the global batch's, not rank 0's share
                 t_done = time.perf_counter()
                 row = {"global_step": state["global_step"], "epoch": epoch, "loss": step_loss,
                        "lr": lr_used, "samples_per_s": global_bs * micro / max(1e-9, t_done - t_wait),
@@ -326,6 +318,18 @@ def train_loop(loop_cfg: dict) -> None:
                                                                                          model.llm.parameters())})
 
 
+def global_mean(value: float, device, world: int) -> float:
+    """The mean of ``value`` over the ranks of the process group (``value`` itself without one). The
+    all-reduced tensor lives on the worker's device: NCCL, the GPU backend, reduces only GPU tensors."""
+    import torch  # heavy: imported on use
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
 def _quiet_ray_train_worker() -> None:
     """Ray Train V2 logs every ``ray.train.report`` call at INFO under a logger named by its file path."""
     import logging
@@ -347,8 +351,9 @@ def _restore(d: Path, model, optimizer, scheduler, scaler, rank: int, device) ->
     import torch  # heavy: imported on use
     from safetensors.torch import load_file
 
-    from pipeline.model.checkpoint import CHECKPOINT_WEIGHTS
+    from pipeline.model.checkpoint import CHECKPOINT_WEIGHTS, verify_weights
 
+    verify_weights(d / CHECKPOINT_WEIGHTS)
     model.load_state_dict(load_file(str(d / CHECKPOINT_WEIGHTS)), strict=False)
     optimizer.load_state_dict(torch.load(d / layout.OPTIMIZER, map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(d / layout.SCHEDULER, weights_only=True))

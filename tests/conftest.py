@@ -24,6 +24,8 @@ def malmm_home(tmp_path_factory):
     """Every test session builds its own tiny default model (never the user's cache)."""
     home = os.environ.get("MALMM_TEST_HOME") or str(tmp_path_factory.mktemp("malmm_home"))
     os.environ["MALMM_HOME"] = home
+    # the local object cache and shard-writer scratch of the session, never the user's
+    os.environ["MALMM_CACHE"] = str(tmp_path_factory.mktemp("malmm_cache") / "objects")
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     yield Path(home)
 

@@ -107,6 +107,9 @@ def test_object_store_chain_equals_the_local_one(bucket_chain, local_chain, feat
     pd.testing.assert_frame_equal(predictions(b / "chain" / "test"), predictions(local / "test"))
     pd.testing.assert_frame_equal(scores(b / "chain" / "report"), scores(local / "report"))
     assert storage.read_text(b / "chain" / "report" / "leaderboard.md") == (local / "report" / "leaderboard.md").read_text()
+    # train and infer read the bucket's samples by ranged reads: no shard was copied into the object cache
+    cached = [p.name for p in storage.cache_dir().rglob("*") if p.is_file()]
+    assert "trainable.safetensors" in cached and not [n for n in cached if n.endswith(".tar")], cached
     # nothing of the bucket's runs was written to a local output folder
     assert not any(p.name == "chain" for p in Path.cwd().iterdir())
 

@@ -52,6 +52,22 @@ def test_shards_index_ledger(features_small, synth_small):
     assert not (features_small / "_staging").exists()
 
 
+def test_shard_stats_record_where_each_member_lies(features_small):
+    """Readers reach a sample by ranged reads at the offsets the stats record, without scanning the tar."""
+    import tarfile
+    from pipeline.data import FeatureStore
+    shards = sorted(features_small.glob("shard-*.tar"))
+    for shard in shards:
+        stats = json.loads(shard.with_suffix(".stats.json").read_text())
+        with tarfile.open(shard) as tar:
+            scanned = {m.name: [m.offset_data, m.size] for m in tar.getmembers()}
+        recorded = {f"{key}.{ext}": where for key, exts in stats["members"].items() for ext, where in exts.items()}
+        assert recorded == scanned and len(recorded) == 4 * stats["ok"] > 0
+    store = FeatureStore(features_small)
+    key = sorted(store.offsets)[0]
+    assert store.load(key)["features"].dtype == np.float16
+
+
 def test_readable_with_webdataset_and_ray(features_small, ray_local):
     import ray
     import webdataset as wds

@@ -199,15 +199,32 @@ def test_checkpoint_round_trip(tiny_dir, tmp_path):
     assert not result.unexpected_keys
 
 
+def test_damaged_checkpoint_weights_are_refused(tiny_dir, tmp_path):
+    """Every checkpoint records the checksum of its weights file and is verified on load."""
+    from pipeline.model.checkpoint import CorruptCheckpointError
+    model = load_malmm(tiny_dir, MALMMConfig(memory="mbc", memory_length=2, max_frames=8))
+    save_checkpoint(model, tmp_path / "ckpt")
+    info = json.loads((tmp_path / "ckpt" / "malmm_config.json").read_text())
+    assert info["weights_sha256"].startswith("sha256:")
+    load_malmm(tiny_dir, checkpoint=tmp_path / "ckpt")  # intact: loads
+    weights = tmp_path / "ckpt" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one bit of one tensor: safetensors itself would load it
+    weights.write_bytes(bytes(data))
+    for load in (lambda: load_malmm(tiny_dir, checkpoint=tmp_path / "ckpt"),
+                 lambda: load_checkpoint(load_malmm(tiny_dir), weights)):
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch with malmm_config.json"):
+            load()
+
+
 def test_checkpoint_with_other_shapes_is_a_clear_error(tiny_dir, tmp_path):
     model = load_malmm(tiny_dir, MALMMConfig())
-    save_checkpoint(model, tmp_path / "ckpt")
     state = {k: v for k, v in model.trainable_state_dict().items()}
     state["language_projection.weight"] = torch.zeros(3, 3)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ckpt" / "trainable.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="language_projection.weight"):
-        load_checkpoint(load_malmm(tiny_dir), tmp_path / "ckpt")
+        load_checkpoint(load_malmm(tiny_dir), tmp_path / "other.safetensors")
 
 
 # ----------------------------------------------------------------------------- LAVIS / MA-LMM releases

@@ -21,6 +21,7 @@ checkpoint reads the Q-Former, the projection and the LLM, never the ViT body.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -321,13 +322,38 @@ def save_checkpoint(model: MALMM, out_dir: str | Path, *, num_frames: int | None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     with storage.atomic_path(out_dir / CHECKPOINT_WEIGHTS, ".safetensors", mode=storage.UMASK) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "malmm_format": CHECKPOINT_FORMAT})
+        digest = file_checksum(tmp)
     info = {"format": CHECKPOINT_FORMAT, "malmm": asdict(model.config), "base_model_dir": model.base_model_dir,
             "base_model": base_model_identity(model.base_model_dir), "num_query_tokens": model.num_query_tokens,
-            "tensors": len(tensors)}
+            "tensors": len(tensors), "weights_sha256": digest}
     if num_frames is not None:
         info["num_frames"] = int(num_frames)
     storage.write_json(out_dir / CHECKPOINT_CONFIG, info, raw=True, mode=storage.UMASK, indent=1, sort_keys=True)
     return out_dir
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's weights file whose bytes do not match the checksum its config records."""
+
+
+def file_checksum(path: str | Path) -> str:
+    """SHA-256 of a local file's bytes (``sha256:…``), read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def verify_weights(weights: Path) -> None:
+    """Check one of our ``trainable.safetensors`` (a local file) against the checksum its
+    ``malmm_config.json`` records (checkpoints written before checksums existed pass unchecked)."""
+    info_path = weights.parent / CHECKPOINT_CONFIG
+    want = storage.read_json(info_path).get("weights_sha256") if storage.exists(info_path) else None
+    if want and file_checksum(weights) != want:
+        raise CorruptCheckpointError(f"{weights}: checksum mismatch with {info_path.name} (expected {want}): the "
+                                     f"checkpoint is damaged or was partly overwritten; use another checkpoint of "
+                                     f"the run (checkpoints/step-*) or train again")
 
 
 def read_checkpoint_config(checkpoint: str | Path) -> MALMMConfig | None:
@@ -473,6 +499,8 @@ def load_checkpoint(model: MALMM, checkpoint: str | Path, trust_pickle: bool = F
             warnings.warn(f"{path} was trained on base model {recorded.get('name')!r} ({recorded['sha256']}), "
                           f"applying it to {current.get('name')!r} ({current.get('sha256')})")
     if path.suffix == ".safetensors":
+        if path.name == CHECKPOINT_WEIGHTS:
+            verify_weights(path)
         state = load_file(str(storage.local_path(path)))
     else:  # .pth / .pt / .bin ...: a pickle
         state = _read_pickle(path, trust_pickle)
