@@ -163,14 +163,21 @@ class VisionEncoder:
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         torch = self.torch
-        out = []
+        if not len(frames):
+            return np.zeros((0,), self.dtype)
         param_dtype = next(self.model.parameters()).dtype
+        # cast to the stored dtype by torch, on the model's device: the same bits as numpy's cast (both round
+        # to nearest even), many times faster, and half the bytes to copy back from a GPU
+        stored = torch.from_numpy(np.zeros(0, self.dtype)).dtype
+        out = None
         with torch.inference_mode():
             for i in range(0, len(frames), self.batch_size):  # fixed chunks per video: deterministic bits
                 x = pixel_values(torch.from_numpy(np.ascontiguousarray(frames[i:i + self.batch_size])).to(self.device))
-                h = pre_layernorm_features(self.model, x.to(param_dtype))
-                out.append(h.float().cpu().numpy().astype(self.dtype))
-        return np.concatenate(out) if out else np.zeros((0,), self.dtype)
+                h = pre_layernorm_features(self.model, x.to(param_dtype)).to(stored).cpu().numpy()
+                if out is None:
+                    out = np.empty((len(frames), *h.shape[1:]), self.dtype)
+                out[i:i + len(h)] = h
+        return out
 
     def __call__(self, batch: dict) -> dict:
         feats, secs = [], []
